@@ -18,10 +18,14 @@ _MODES = ("mean", "sum")
 
 
 class MergeFn(Protocol):
+    """(B, N, C) -> (B, N - r, C): reduce each group of matched tokens by "mean" or "sum"."""
+
     def __call__(self, x: Tensor, mode: str = "mean") -> Tensor: ...
 
 
 class UnmergeFn(Protocol):
+    """(B, N - r, C) -> (B, N, C): give every original token its merged token's value."""
+
     def __call__(self, x: Tensor) -> Tensor: ...
 
 
@@ -166,7 +170,7 @@ def _check_mode(mode: str) -> None:
 def merge_wavg(
     merge_fn: MergeFn, x: Tensor, size: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Merge `x` (B, N, C) as a size-weighted average; returns (x', size') of (B, N', C), (B, N', 1).
+    """Merge `x` (B, N, C) as a size-weighted average: returns x' (B, N', C), size' (B, N', 1).
 
     Weighting by size keeps a token that already stands for many patches from being diluted by
     a single one. `size` (B, N, 1) counts the patches each token holds; None means all ones.
