@@ -10,9 +10,29 @@ from spatialmerge.merging.cubist import (
     ratio_to_r,
     window_aligned_r,
 )
+from spatialmerge.merging.expedite import ExpediteRecord, expedite_cluster, expedite_reconstruct
+from spatialmerge.merging.grid import GRID_METHODS, GridRecord, reduce_grid
+from spatialmerge.merging.tome import (
+    bipartite_soft_matching,
+    max_r,
+    merge_source,
+    merge_wavg,
+    parse_r,
+)
 
 __all__ = [
     "COLLISION_RULES",
+    "GRID_METHODS",
+    "ExpediteRecord",
+    "GridRecord",
+    "bipartite_soft_matching",
+    "expedite_cluster",
+    "expedite_reconstruct",
+    "max_r",
+    "merge_source",
+    "merge_wavg",
+    "parse_r",
+    "reduce_grid",
     "REDUCE_RULES",
     "CubistRecord",
     "cubist_merge",

@@ -1,0 +1,30 @@
+"""Backbone adapters: how each family runs its blocks, prefix tokens and positions.
+
+Importing this package registers every supported family with ``patch``.
+"""
+
+from spatialmerge.adapters import sam  # noqa: F401  (registers the SAM families)
+from spatialmerge.adapters.base import (
+    Adapter,
+    GridRun,
+    PatchState,
+    find_adapter,
+    patch,
+    patch_state,
+    supported_types,
+    unpatch,
+)
+from spatialmerge.adapters.config import MergeConfig, Stage
+
+__all__ = [
+    "Adapter",
+    "GridRun",
+    "MergeConfig",
+    "PatchState",
+    "Stage",
+    "find_adapter",
+    "patch",
+    "patch_state",
+    "supported_types",
+    "unpatch",
+]

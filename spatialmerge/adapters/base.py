@@ -1,0 +1,245 @@
+"""The patch mechanism shared by every backbone, and the runtime of a grid merge schedule.
+
+A patched module keeps its class's behaviour and parameters; only the method that runs its block
+loop is swapped, by giving the instance a subclass that overrides it (ToMe's approach). The
+blocks themselves are never touched, so timm / segment-anything features (LayerScale, QK-norm,
+fused attention, window padding, rel-pos interpolation, RoPE) keep working as their authors wrote
+them. ``unpatch`` puts the original class back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.merging.grid import GridRecord, reduce_grid
+from spatialmerge.merging.tome import parse_r
+
+STATE_ATTR = "_spatialmerge"
+
+KeysFn = Callable[[nn.Module, Tensor], Tensor]
+
+
+class Adapter:
+    """How one backbone family runs its blocks. Subclasses fill in the class attributes and
+    ``overrides``; everything else has a sensible default.
+
+    Attributes:
+        name: short family name used in messages.
+        model_types: classes this adapter patches (the user may pass a wrapper, see ``target``).
+        methods: merge methods this family supports.
+    """
+
+    name: str = ""
+    model_types: tuple[type, ...] = ()
+    methods: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle")
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_types)
+
+    def target(self, model: nn.Module) -> nn.Module:
+        """The module whose forward runs the blocks (e.g. ``Sam.image_encoder``)."""
+        return model
+
+    def depth(self, target: nn.Module) -> int:
+        return len(target.blocks)
+
+    def window(self, target: nn.Module) -> int | None:
+        """Attention window size, for ``align="window"``; None if the backbone has none."""
+        return None
+
+    def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
+        """Attention keys of ``block`` for normed tokens (..., C), averaged over heads."""
+        raise NotImplementedError(f"metric=keys is not available for {self.name} backbones")
+
+    def overrides(self) -> dict[str, Callable[..., Any]]:
+        """Methods of the patched subclass, by name."""
+        raise NotImplementedError
+
+    def check(self, target: nn.Module, config: MergeConfig) -> None:
+        """Reject a config this backbone cannot run, with a message naming the fix."""
+        if config.method not in self.methods:
+            raise ValueError(
+                f"method={config.method!r} is not supported on {self.name} backbones; "
+                f"choose one of {', '.join(self.methods)}"
+            )
+        depth = self.depth(target)
+        for stage in config.stages:
+            if stage.loc >= depth:
+                raise ValueError(
+                    f"loc={stage.loc} is out of range: this {self.name} model has {depth} blocks, "
+                    f"so loc must be in [0, {depth - 1}]"
+                )
+        if config.align == "window" and self.window(target) is None:
+            raise ValueError(
+                f"align='window' needs a windowed backbone, but this {self.name} model has no "
+                "window attention; use align=none"
+            )
+        if config.per_layer:
+            parse_r(depth, config.r)
+
+
+@dataclass
+class PatchState:
+    """Lives on the patched module: the request, how to undo it, and the last run's source map."""
+
+    config: MergeConfig
+    adapter: Adapter
+    original_class: type
+    last_assignment: Tensor | None = field(default=None, repr=False)
+    last_hw: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+    def run(self, target: nn.Module) -> "GridRun":
+        return GridRun(self, target)
+
+
+def keys_from_qkv(qkv: nn.Linear, normed: Tensor, num_heads: int) -> Tensor:
+    """Keys of a fused qkv projection, averaged over heads: (..., C) -> (..., C // num_heads)."""
+    out = qkv(normed)
+    out = out.unflatten(-1, (3, num_heads, out.shape[-1] // (3 * num_heads)))
+    return out[..., 1, :, :].mean(-2)
+
+
+class GridRun:
+    """One forward pass of a grid schedule: merge before the scheduled blocks, recover at the end.
+
+    Adapters call ``before_block(i, grid, block)`` in their block loop with the patch tokens as a
+    (B, H, W, C) grid, and ``recover(grid)`` where a dense output is needed.
+    """
+
+    def __init__(self, state: PatchState, target: nn.Module) -> None:
+        self.state = state
+        self.config = state.config
+        self.adapter = state.adapter
+        self.window = state.adapter.window(target)
+        self.stages = {stage.loc: stage for stage in state.config.stages}
+        self.records: list[GridRecord] = []
+
+    def merges_at(self, i: int) -> bool:
+        return i in self.stages
+
+    def before_block(self, i: int, grid: Tensor, block: nn.Module) -> Tensor:
+        """(B, H, W, C) -> (B, H', W', C) if a stage is scheduled before block ``i``."""
+        stage = self.stages.get(i)
+        if stage is None:
+            return grid
+        h, w = grid.shape[1:3]
+        r_h, r_w = stage.removal((h, w), self.window, self.config.align)
+        metric = self._metric(grid, block)
+        grid, record = reduce_grid(
+            self.config.method, grid, (h - r_h, w - r_w), metric=metric, **self.config.grid_options()
+        )
+        self.records.append(record)
+        return grid
+
+    def _metric(self, grid: Tensor, block: nn.Module) -> Tensor | None:
+        if self.config.metric == "tokens":
+            return None
+        with torch.no_grad():
+            normed = block.norm1(grid)
+            return normed if self.config.metric == "normed" else self.adapter.keys(block, normed)
+
+    def assignment(self) -> Tensor | None:
+        """(B, H * W) composed map from original cells to the current grid's flat index."""
+        if not self.records:
+            return None
+        composed = self.records[0].assignment
+        for record in self.records[1:]:
+            composed = record.assignment.gather(1, composed)
+        return composed
+
+    def recover(self, grid: Tensor) -> Tensor:
+        """Undo every merge of this run, latest first: (B, H', W', C) -> (B, H, W, C)."""
+        for record in reversed(self.records):
+            grid = record.recover(grid)
+        return grid
+
+    def finish(self) -> None:
+        """Keep the source map of this run (small: one index per cell) for pictures and tests."""
+        assignment = self.assignment()
+        self.state.last_assignment = None if assignment is None else assignment.detach()
+        if self.records:
+            self.state.last_hw = (self.records[0].in_hw, self.records[-1].out_hw)
+        else:
+            self.state.last_hw = None
+
+
+_ADAPTERS: list[Adapter] = []
+_CLASS_CACHE: dict[tuple[type, str], type] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add a backbone family; more specific adapters must be registered first."""
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def supported_types() -> list[str]:
+    return [f"{t.__module__}.{t.__qualname__}" for a in _ADAPTERS for t in a.model_types]
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"{type(model).__module__}.{type(model).__qualname__} is not supported by spatialmerge; "
+        f"supported model types: {', '.join(supported_types())}"
+    )
+
+
+def _patched_class(cls: type, adapter: Adapter) -> type:
+    key = (cls, adapter.name)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), dict(adapter.overrides()))
+    return _CLASS_CACHE[key]
+
+
+def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:
+    """Make ``model`` merge tokens; returns the same module, patched in place.
+
+    Example::
+
+        spatialmerge.patch(sam, "cubist", loc=3, r_h=8, r_w=8)
+        spatialmerge.patch(deit, "tome", r=8)              # faithful per-layer ToMe
+        spatialmerge.patch(sam, "expedite", loc=3, ratio=0.125)
+
+    Patching a patched model replaces the patch; ``method="none"`` is ``unpatch``.
+    See ``MergeConfig.create`` for every option.
+    """
+    unpatch(model)
+    adapter = find_adapter(model)
+    config = MergeConfig.create(method, **options)
+    if config.method == "none":
+        return model
+    target = adapter.target(model)
+    adapter.check(target, config)
+    state = PatchState(config, adapter, type(target))
+    target.__class__ = _patched_class(type(target), adapter)
+    setattr(target, STATE_ATTR, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the original class comes back; parameters were never changed."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            target = adapter.target(model)
+            state = getattr(target, STATE_ATTR, None)
+            if state is not None:
+                target.__class__ = state.original_class
+                delattr(target, STATE_ATTR)
+            break
+    return model
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The patch on ``model`` (or on the module that runs its blocks), if any."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return getattr(adapter.target(model), STATE_ATTR, None)
+    return None

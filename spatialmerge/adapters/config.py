@@ -1,0 +1,176 @@
+"""What a user asks for when patching a model: method, schedule and variants, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from spatialmerge.merging.cubist import COLLISION_RULES, REDUCE_RULES, ratio_to_r, window_aligned_r
+from spatialmerge.merging.tome import parse_r
+
+METHODS: tuple[str, ...] = ("none", "cubist", "tome", "expedite", "oracle")
+METRICS: tuple[str, ...] = ("tokens", "keys", "normed")
+POSITIONS: tuple[str, ...] = ("grid", "centroid")
+ALIGNS: tuple[str, ...] = ("none", "window")
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One merge: before block ``loc`` runs, shrink the grid by ``(r_h, r_w)`` or by ``ratio``."""
+
+    loc: int
+    r_h: int | None = None
+    r_w: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loc, bool) or not isinstance(self.loc, int) or self.loc < 0:
+            raise ValueError(f"loc={self.loc!r} must be a block index >= 0 (merge before that block)")
+        by_r = self.r_h is not None or self.r_w is not None
+        if by_r and self.ratio is not None:
+            raise ValueError(
+                f"stage at loc={self.loc} sets both ratio={self.ratio} and r_h/r_w="
+                f"{self.r_h}/{self.r_w}; set one of them (e.g. merge.r_h=null merge.r_w=null)"
+            )
+        if by_r and (self.r_h is None or self.r_w is None):
+            raise ValueError(
+                f"stage at loc={self.loc} sets r_h={self.r_h}, r_w={self.r_w}: set both, or a ratio"
+            )
+        if not by_r and self.ratio is None:
+            raise ValueError(f"stage at loc={self.loc} needs r_h and r_w, or a ratio")
+        if self.ratio is not None:
+            ratio_to_r((1, 1), self.ratio)  # validates the range with the standard message
+
+    def removal(self, hw: tuple[int, int], window: int | None, align: str) -> tuple[int, int]:
+        """(r_h, r_w) for a grid of size ``hw`` (ratios resolve per axis, optionally aligned)."""
+        if self.ratio is None:
+            return int(self.r_h), int(self.r_w)
+        if align == "window":
+            assert window is not None
+            return window_aligned_r(hw, self.ratio, window)
+        return ratio_to_r(hw, self.ratio)
+
+
+def _as_stage(item: Any) -> Stage:
+    if isinstance(item, Stage):
+        return item
+    if isinstance(item, dict) or hasattr(item, "keys"):
+        return Stage(**dict(item))
+    values = list(item)
+    if len(values) == 3:
+        return Stage(int(values[0]), int(values[1]), int(values[2]))
+    if len(values) == 2:
+        return Stage(int(values[0]), ratio=float(values[1]))
+    raise ValueError(f"stage {item!r} must be (loc, r_h, r_w), (loc, ratio) or a dict of those keys")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated merge request. Build it with ``MergeConfig.create``."""
+
+    method: str = "none"
+    stages: tuple[Stage, ...] = ()
+    r: int | tuple[int, float] | list[int] | None = None  # faithful per-layer ToMe schedule
+    align: str = "none"
+    reduce: str = "maxmag"
+    collisions: str = "exact"
+    metric: str = "tokens"
+    positions: str = "grid"
+    recover: bool = False
+    expedite: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_layer(self) -> bool:
+        """Faithful ToMe: merge r tokens in every block rather than once on the grid."""
+        return self.method == "tome" and not self.stages
+
+    @classmethod
+    def create(
+        cls,
+        method: str = "cubist",
+        *,
+        loc: int | None = None,
+        r_h: int | None = None,
+        r_w: int | None = None,
+        ratio: float | None = None,
+        stages: Sequence[Any] | None = None,
+        r: int | Sequence[int] | None = None,
+        align: str = "none",
+        reduce: str = "maxmag",
+        collisions: str = "exact",
+        metric: str = "tokens",
+        positions: str = "grid",
+        recover: bool = False,
+        n_iters: int = 5,
+        temperature: float = 0.01,
+        window_size: int = 5,
+        k: int | None = 20,
+    ) -> "MergeConfig":
+        """Validate keyword arguments as ``spatialmerge.patch`` takes them.
+
+        Grid methods (cubist, expedite, oracle, single-layer tome) take ``loc`` with ``r_h``/``r_w``
+        or ``ratio``, or ``stages``; faithful ToMe takes ``r`` (int, (r, inflection) or a list).
+        """
+        _choice("method", method, METHODS)
+        _choice("align", align, ALIGNS)
+        _choice("reduce", reduce, REDUCE_RULES)
+        _choice("collisions", collisions, COLLISION_RULES)
+        _choice("metric", metric, METRICS)
+        _choice("positions", positions, POSITIONS)
+        single = loc is not None or r_h is not None or r_w is not None or ratio is not None
+        if stages and single:
+            raise ValueError("give either stages=[...] or loc with r_h/r_w or ratio, not both")
+        if method == "none":
+            return cls()
+        if r is not None:
+            if method != "tome" or stages or single:
+                raise ValueError(
+                    f"r={r!r} is faithful ToMe's per-layer schedule: use it with method='tome' "
+                    "and no loc/ratio/stages (those describe a single merge on the grid)"
+                )
+            # A tuple is ToMe's (r, inflection); any other sequence is a per-layer list.
+            schedule = r if isinstance(r, (int, tuple)) else [int(v) for v in r]
+            parse_r(max(len(schedule), 1) if isinstance(schedule, list) else 2, schedule)
+            return cls(method=method, r=schedule, metric=metric)
+        if stages:
+            parsed = tuple(_as_stage(item) for item in stages)
+        elif single:
+            if loc is None:
+                raise ValueError(f"{method} needs loc (the block index to merge before), e.g. loc=3")
+            parsed = (Stage(int(loc), r_h, r_w, ratio),)
+        else:
+            raise ValueError(
+                f"{method} needs a schedule: loc with r_h and r_w or ratio, or stages=[...]"
+                + (", or r=<tokens per layer> for per-layer ToMe" if method == "tome" else "")
+            )
+        locs = [stage.loc for stage in parsed]
+        if any(b <= a for a, b in zip(locs, locs[1:])):
+            raise ValueError(f"stage locations {locs} must be strictly increasing")
+        if method != "cubist" and len(parsed) > 1:
+            raise ValueError(f"{method} merges once; several stages are supported for cubist only")
+        if method == "expedite" and metric != "tokens":
+            raise ValueError(f"metric={metric!r}: expedite clusters the tokens themselves; use metric=tokens")
+        return cls(
+            method=method,
+            stages=parsed,
+            align=align,
+            reduce=reduce,
+            collisions=collisions,
+            metric=metric,
+            positions=positions,
+            recover=recover,
+            expedite=dict(n_iters=n_iters, temperature=temperature, window_size=window_size, k=k)
+            if method == "expedite"
+            else {},
+        )
+
+    def grid_options(self) -> dict[str, Any]:
+        """Options for ``reduce_grid`` of this config's method."""
+        if self.method == "cubist":
+            return {"reduce": self.reduce, "collisions": self.collisions}
+        return dict(self.expedite)

@@ -1,0 +1,89 @@
+"""SAM image encoders: segment-anything's ``ImageEncoderViT`` (also inside ``Sam``) and timm's
+``VisionTransformerSAM`` (``samvit_*``).
+
+Tokens are already a (B, H, W, C) grid with no prefix tokens. Window blocks partition whatever
+grid they get, padding it to a multiple of the window; global blocks interpolate their 127-entry
+relative-position tables to the grid they see (``get_rel_pos``). So the stock blocks run on the
+reduced grid unmodified, and the grid is recovered after the last block, before the neck, which
+keeps the mask decoder, ``SamPredictor`` and ``SamAutomaticMaskGenerator`` working unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.utils.checkpoint
+from segment_anything.modeling import ImageEncoderViT, Sam
+from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models.vision_transformer_sam import VisionTransformerSAM
+from torch import Tensor, nn
+
+from spatialmerge.adapters.base import STATE_ATTR, Adapter, keys_from_qkv, register_adapter
+
+
+def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> Tensor:
+    """Run ``encoder.blocks`` on the (B, H, W, C) grid ``x`` with the patch's merge schedule and
+    return the recovered (B, H, W, C) grid."""
+    run = getattr(encoder, STATE_ATTR).run(encoder)
+    for i, block in enumerate(encoder.blocks):
+        x = run.before_block(i, x, block)  # (B, H', W', C) from the merge location on
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    x = run.recover(x)  # (B, H, W, C)
+    run.finish()
+    return x
+
+
+def _sam_encoder_forward(self: ImageEncoderViT, x: Tensor) -> Tensor:
+    x = self.patch_embed(x)  # (B, H, W, C)
+    if self.pos_embed is not None:
+        x = x + self.pos_embed
+    x = _run_blocks(self, x)
+    return self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, H, W)
+
+
+def _timm_samvit_forward_features(self: VisionTransformerSAM, x: Tensor) -> Tensor:
+    x = self.patch_embed(x)  # (B, H, W, C)
+    if self.pos_embed is not None:
+        x = x + resample_abs_pos_embed_nhwc(self.pos_embed, x.shape[1:3])
+    x = self.norm_pre(self.patch_drop(self.pos_drop(x)))
+    x = _run_blocks(self, x, checkpointing=self.grad_checkpointing and self.training)
+    return self.neck(x.permute(0, 3, 1, 2))
+
+
+class _SamFamily(Adapter):
+    def window(self, target: nn.Module) -> int | None:
+        sizes = [block.window_size for block in target.blocks if block.window_size > 0]
+        return max(sizes) if sizes else None
+
+    def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
+        return keys_from_qkv(block.attn.qkv, normed, block.attn.num_heads)
+
+
+class SegmentAnythingAdapter(_SamFamily):
+    """segment-anything ``Sam`` (patches its image encoder) or a bare ``ImageEncoderViT``."""
+
+    name = "segment-anything SAM"
+    model_types = (Sam, ImageEncoderViT)
+
+    def target(self, model: nn.Module) -> nn.Module:
+        return model.image_encoder if isinstance(model, Sam) else model
+
+    def overrides(self) -> dict[str, Callable[..., Any]]:
+        return {"forward": _sam_encoder_forward}
+
+
+class TimmSamAdapter(_SamFamily):
+    """timm ``VisionTransformerSAM`` (``samvit_base/large/huge_patch16``)."""
+
+    name = "timm samvit"
+    model_types = (VisionTransformerSAM,)
+
+    def overrides(self) -> dict[str, Callable[..., Any]]:
+        return {"forward_features": _timm_samvit_forward_features}
+
+
+register_adapter(SegmentAnythingAdapter())
+register_adapter(TimmSamAdapter())

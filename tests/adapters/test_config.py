@@ -1,0 +1,63 @@
+"""Merge requests are validated once, with messages that name the value and the fix."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from spatialmerge.adapters.config import MergeConfig, Stage
+
+
+def test_single_stage_from_ratio_and_from_r():
+    config = MergeConfig.create("cubist", loc=3, ratio=0.125)
+    assert config.stages == (Stage(3, ratio=0.125),)
+    assert config.stages[0].removal((64, 64), None, "none") == (8, 8)
+    assert config.stages[0].removal((64, 64), 14, "window") == (8, 8)
+    config = MergeConfig.create("cubist", loc=1, r_h=1, r_w=2)
+    assert config.stages[0].removal((14, 14), None, "none") == (1, 2)
+
+
+def test_stages_accept_tuples_dicts_and_hydra_lists():
+    stages = OmegaConf.create([[1, 2, 3], {"loc": 4, "ratio": 0.1}])
+    config = MergeConfig.create("cubist", stages=stages)
+    assert config.stages == (Stage(1, 2, 3), Stage(4, ratio=0.1))
+
+
+def test_per_layer_tome_schedule_forms():
+    assert MergeConfig.create("tome", r=8).per_layer
+    assert MergeConfig.create("tome", r=(8, -1.0)).r == (8, -1.0)
+    assert MergeConfig.create("tome", r=OmegaConf.create([4, 4, 2])).r == [4, 4, 2]
+    assert not MergeConfig.create("tome", loc=2, ratio=0.1).per_layer
+
+
+def test_none_is_no_merge_and_expedite_keeps_its_options():
+    assert MergeConfig.create("none").method == "none"
+    config = MergeConfig.create("expedite", loc=2, ratio=0.2, k=5)
+    assert config.grid_options() == {"n_iters": 5, "temperature": 0.01, "window_size": 5, "k": 5}
+    assert MergeConfig.create("cubist", loc=2, ratio=0.2, reduce="mean").grid_options() == {
+        "reduce": "mean",
+        "collisions": "exact",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="cubist"), "needs a schedule"),
+        (dict(method="cubist", ratio=0.1), "needs loc"),
+        (dict(method="cubist", loc=-1, ratio=0.1), "loc=-1 must be a block index"),
+        (dict(method="cubist", loc=1, ratio=0.1, r_h=1, r_w=1), "set one of them"),
+        (dict(method="cubist", stages=[(3, 1, 1), (2, 1, 1)]), r"\[3, 2\] must be strictly increasing"),
+        (dict(method="tome", stages=[(1, 1, 1), (2, 1, 1)]), "several stages are supported for cubist only"),
+        (dict(method="cubist", r=4), "per-layer schedule"),
+        (dict(method="tome", r=-1), "non-negative"),
+        (dict(method="cubist", loc=1, ratio=0.1, metric="queries"), "metric='queries' .* tokens, keys, normed"),
+        (dict(method="cubist", loc=1, ratio=0.1, positions="mean"), "positions='mean' .* grid, centroid"),
+        (dict(method="cubist", loc=1, ratio=0.1, align="grid"), "align='grid' .* none, window"),
+        (dict(method="cubist", loc=1, ratio=0.1, collisions="last"), "collisions='last' .* exact, reference"),
+        (dict(method="expedite", loc=1, ratio=0.1, metric="keys"), "clusters the tokens themselves"),
+        (dict(method="cubist", stages=[(1, 2)], loc=1), "not both"),
+        (dict(method="cubist", stages=[(1, 2, 3, 4)]), r"must be \(loc, r_h, r_w\)"),
+    ],
+)
+def test_bad_requests_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig.create(**kwargs)
