@@ -1,0 +1,55 @@
+"""Name -> builder: one call builds any supported backbone, with or without its weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from torch import nn
+
+from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
+from spatialmerge.models.info import known_names, model_info
+from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
+from spatialmerge.models.timm_models import build_timm_model
+
+Builder = Callable[..., nn.Module]
+
+_BUILDERS: dict[str, Builder] = {
+    "sam_b": build_sam_b,
+    "sam_l": build_sam_l,
+    "sam_h": build_sam_h,
+    **{
+        name: partial(build_timm_model, name)
+        for name in known_names()
+        if model_info(name).timm_name is not None
+    },
+}
+
+
+def available_models() -> list[str]:
+    """Every name :func:`build_model` accepts."""
+    return list(_BUILDERS)
+
+
+def build_model(name: str, checkpoint: PathLike | None = None, **overrides: object) -> nn.Module:
+    """Build the backbone registered as ``name``, in eval mode, optionally with its weights.
+
+    Args:
+        name: one of :func:`available_models`, e.g. ``"sam_h"``, ``"deit_b"``, ``"dinov3_s"``.
+        checkpoint: weights file (official release format, timm format or a plain state dict;
+            ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``); None keeps random weights.
+        **overrides: architecture keywords for the builder, e.g. a tiny ``depth`` for tests.
+            SAM: ``image_size``, ``depth``, ``embed_dim``, ``num_heads``,
+            ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. timm models: any
+            ``timm.create_model`` keyword (``img_size``, ``depth``, ``num_classes``, ...).
+
+    Raises:
+        ValueError: unknown ``name``; the message lists the known names.
+        CheckpointNotFoundError: ``checkpoint`` names no file.
+    """
+    model_info(name)  # raises the ValueError that lists the known names
+    # Fail before spending seconds initialising a large model that could not be loaded anyway.
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise CheckpointNotFoundError(Path(checkpoint).expanduser(), name)
+    return _BUILDERS[name](checkpoint, **overrides)
