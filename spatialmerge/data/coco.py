@@ -1,0 +1,211 @@
+"""COCO instances with one ground-truth prompt per instance, for SAM's COCO mIoU protocol.
+
+Layout (COCO 2017 as distributed by cocodataset.org, both zips unpacked into one folder):
+
+    root/annotations/instances_{split}.json
+    root/{split}/*.jpg
+
+Crowd annotations and annotations whose mask is empty are skipped; images left with no instance
+are skipped. Every mask is kept as pycocotools RLE (built once in `__init__`) and decoded only when
+its image is loaded, so the dataset is light to ship to DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from scipy.ndimage import distance_transform_edt
+from torch.utils.data import Dataset
+
+from spatialmerge.data.errors import DatasetLayoutError
+
+Prompt = Literal["box", "point"]
+PROMPTS: tuple[str, ...] = ("box", "point")
+
+
+@dataclass(frozen=True)
+class _ImageRecord:
+    """What `__getitem__` needs of one image: its file, size and kept instances."""
+
+    image_id: int
+    path: str
+    height: int
+    width: int
+    ann_ids: tuple[int, ...]
+    bboxes_xywh: tuple[tuple[float, float, float, float], ...]
+    rles: tuple[dict[str, Any], ...]
+
+
+def mask_interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """The pixel of `mask` (H, W) bool farthest from the mask's border, as (x, y) pixel indices.
+
+    Distance is Euclidean to the nearest background pixel, where everything outside the image
+    counts as background (so a mask touching the image edge is not "deep" there). Ties go to the
+    first pixel in row-major order, so the point is deterministic. SAM's prompt encoder shifts
+    integer coordinates to pixel centres itself, hence indices rather than centres.
+
+    Raises ValueError for an empty mask (it has no interior).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("mask is empty: an empty mask has no interior point")
+    # The distance transform only needs the mask's bounding box plus a one-pixel background ring:
+    # any background pixel outside that ring is never closer than the ring pixel next to it. This
+    # keeps the transform small for small objects in large images and gives identical results.
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top : int(rows[-1]) + 1, left : int(cols[-1]) + 1]
+    dist = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]  # (h, w)
+    y, x = divmod(int(np.argmax(dist)), crop.shape[1])  # argmax: first maximum, row-major
+    return float(left + x), float(top + y)
+
+
+def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DataLoader `collate_fn` that keeps items as a list: images differ in size, so no stacking.
+
+    A module-level function (not a lambda) so spawn-started worker processes can pickle it.
+    """
+    return batch
+
+
+def _layout_error(problem: str, root: str, split: str) -> DatasetLayoutError:
+    return DatasetLayoutError(
+        f"{problem}. Expected the COCO layout {root}/annotations/instances_{split}.json and "
+        f"{root}/{split}/*.jpg. Get the COCO 2017 val images (val2017.zip) and annotations "
+        "(annotations_trainval2017.zip) from https://cocodataset.org/#download, unzip both into "
+        "one folder and point the config at it: dataset.root=/path/to/coco"
+    )
+
+
+class CocoInstances(Dataset):
+    """COCO instance masks with their box and point prompts; one item per image.
+
+    Args:
+        root: folder holding `annotations/` and the `{split}/` image folder.
+        split: image folder / annotation suffix, e.g. "val2017".
+        prompt: which prompt `item["prompts"]` holds: "box" (xyxy) or "point" (interior point).
+        max_images: keep at most this many images (the first ones by image id); None keeps all.
+
+    Each item is a dict:
+        image:    (H, W, 3) uint8 RGB
+        image_id: int
+        masks:    (K, H, W) bool, one per kept instance
+        boxes:    (K, 4) float32 xyxy, from the annotation's xywh bbox
+        points:   (K, 2) float32 (x, y), see `mask_interior_point`
+        prompts:  `boxes` or `points`, following `prompt`
+        ann_ids:  (K,) int64 annotation ids
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str = "val2017",
+        prompt: Prompt = "box",
+        max_images: int | None = None,
+    ) -> None:
+        if prompt not in PROMPTS:
+            raise ValueError(
+                f"dataset.prompt={prompt!r} is not one of {PROMPTS}; set dataset.prompt=box or "
+                "dataset.prompt=point"
+            )
+        if max_images is not None and max_images < 1:
+            raise ValueError(
+                f"dataset.max_images={max_images} must be >= 1; use dataset.max_images=null for "
+                "all images"
+            )
+        self.root = root
+        self.split = split
+        self.prompt = prompt
+        ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+        image_dir = os.path.join(root, split)
+        if not os.path.isdir(root):
+            raise _layout_error(f"COCO root folder not found: {root}", root, split)
+        if not os.path.isfile(ann_file):
+            raise _layout_error(f"COCO annotation file not found: {ann_file}", root, split)
+        if not os.path.isdir(image_dir):
+            raise _layout_error(f"COCO image folder not found: {image_dir}", root, split)
+        self.records = self._index(ann_file, image_dir, max_images)
+        if not self.records:
+            raise _layout_error(
+                f"{ann_file} has no image with a non-crowd, non-empty instance", root, split
+            )
+
+    def _index(
+        self, ann_file: str, image_dir: str, max_images: int | None
+    ) -> list[_ImageRecord]:
+        # pycocotools prints progress lines to stdout; keep evaluation logs clean.
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(ann_file)
+        records: list[_ImageRecord] = []
+        for image_id in sorted(coco.getImgIds()):
+            info = coco.imgs[image_id]
+            kept = []
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
+                rle = coco.annToRLE(ann)
+                # The RLE area is exactly what annToMask would decode, without decoding it.
+                if int(mask_utils.area(rle)) > 0:
+                    kept.append((int(ann["id"]), tuple(float(v) for v in ann["bbox"]), rle))
+            if not kept:
+                continue
+            path = os.path.join(image_dir, info["file_name"])
+            if not os.path.isfile(path):
+                raise _layout_error(
+                    f"image {info['file_name']} (id {image_id}) listed in {ann_file} is missing "
+                    f"from {image_dir}",
+                    self.root,
+                    self.split,
+                )
+            ann_ids, bboxes, rles = zip(*kept)
+            records.append(
+                _ImageRecord(
+                    image_id=int(image_id),
+                    path=path,
+                    height=int(info["height"]),
+                    width=int(info["width"]),
+                    ann_ids=ann_ids,
+                    bboxes_xywh=bboxes,
+                    rles=rles,
+                )
+            )
+            if max_images is not None and len(records) == max_images:
+                break
+        return records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        with Image.open(record.path) as pil:
+            image = np.asarray(pil.convert("RGB"))  # (H, W, 3) uint8
+        if image.shape[:2] != (record.height, record.width):
+            raise _layout_error(
+                f"{record.path} is {image.shape[1]}x{image.shape[0]} (WxH) but its annotation "
+                f"says {record.width}x{record.height}; the images must be the original, "
+                "unresized COCO files",
+                self.root,
+                self.split,
+            )
+        masks = mask_utils.decode(list(record.rles)).transpose(2, 0, 1).astype(bool)  # (K, H, W)
+        xywh = np.asarray(record.bboxes_xywh, dtype=np.float32)  # (K, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # (K, 4) xyxy
+        points = np.asarray([mask_interior_point(m) for m in masks], dtype=np.float32)  # (K, 2)
+        return {
+            "image": image,
+            "image_id": record.image_id,
+            "masks": masks,
+            "boxes": boxes,
+            "points": points,
+            "prompts": boxes if self.prompt == "box" else points,
+            "ann_ids": np.asarray(record.ann_ids, dtype=np.int64),
+        }

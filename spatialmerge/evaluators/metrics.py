@@ -1,0 +1,144 @@
+"""Evaluation metrics as pure tensor code, with accumulators whose sums reduce across processes.
+
+Each accumulator keeps only sums. `state()` returns them as one tensor and `merge(state)` adds a
+state in, so a distributed evaluation is: accumulate locally, all-reduce `state()`, `merge` the
+total into a fresh accumulator, `compute()`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def mask_iou(pred: Tensor, gt: Tensor) -> Tensor:
+    """Intersection over union of each predicted mask with its ground truth.
+
+    pred, gt: (K, H, W) bool. Returns (K,) float32 in [0, 1]. Two empty masks agree perfectly, so
+    an empty union gives 1.0 (not 0/0).
+    """
+    if pred.shape != gt.shape or pred.dim() != 3:
+        raise ValueError(
+            f"pred and gt must both be (K, H, W), got {tuple(pred.shape)} and {tuple(gt.shape)}"
+        )
+    pred, gt = pred.bool(), gt.bool()
+    inter = (pred & gt).flatten(1).sum(1)  # (K,)
+    union = (pred | gt).flatten(1).sum(1)  # (K,)
+    iou = inter.float() / union.clamp(min=1).float()
+    return torch.where(union == 0, torch.ones_like(iou), iou)
+
+
+class MeanIoU:
+    """Mean IoU over instances, and over images (each image's own mean IoU, then averaged).
+
+    The two differ when images hold different numbers of instances: the per-instance mean weighs
+    crowded images more.
+    """
+
+    def __init__(self) -> None:
+        # [sum of instance IoUs, instances, sum of per-image mean IoUs, images]; float64 keeps
+        # the counts exact and the sums stable over COCO's ~36k instances.
+        self._sums = torch.zeros(4, dtype=torch.float64)
+
+    def update(self, ious: Tensor) -> None:
+        """Add one image's instance IoUs, (K,) with K >= 1."""
+        if ious.dim() != 1 or ious.numel() == 0:
+            raise ValueError(
+                f"ious must be one image's (K,) IoUs with K >= 1, got shape {tuple(ious.shape)}"
+            )
+        ious = ious.detach().to("cpu", torch.float64)
+        self._sums += torch.stack(
+            [ious.sum(), ious.new_tensor(ious.numel()), ious.mean(), ious.new_tensor(1.0)]
+        )
+
+    def state(self) -> Tensor:
+        """The sums, (4,) float64, to all-reduce and `merge` elsewhere."""
+        return self._sums.clone()
+
+    def merge(self, state: Tensor) -> None:
+        """Add another accumulator's `state()` (or a reduction of several) into this one."""
+        if state.shape != self._sums.shape:
+            raise ValueError(f"state must have shape (4,), got {tuple(state.shape)}")
+        self._sums += state.detach().to("cpu", torch.float64)
+
+    def compute(self) -> dict[str, float | int]:
+        """{"miou": per-instance mean (%), "miou_per_image": per-image mean (%), "instances",
+        "images"}."""
+        iou_sum, instances, image_mean_sum, images = self._sums.tolist()
+        if instances == 0:
+            raise ValueError("MeanIoU has no instances: call update() before compute()")
+        return {
+            "miou": 100.0 * iou_sum / instances,
+            "miou_per_image": 100.0 * image_mean_sum / images,
+            "instances": int(instances),
+            "images": int(images),
+        }
+
+
+def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """How many samples have their target among the k highest logits, for each k in `ks`.
+
+    logits: (N, classes); target: (N,) class indices. Ties between logits are broken by
+    `torch.topk`. k larger than the number of classes raises: top-5 of a 3-class problem would
+    be 100% by construction and say nothing.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be (N, classes) and target (N,), got {tuple(logits.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    num_classes = logits.shape[1]
+    if not ks or min(ks) < 1 or max(ks) > num_classes:
+        raise ValueError(
+            f"ks={tuple(ks)} must be non-empty with every k in [1, {num_classes}] (the number of "
+            f"classes); e.g. evaluator.top1.ks=[1,{min(5, num_classes)}]"
+        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"target holds class indices in [{int(target.min())}, {int(target.max())}] but the "
+            f"logits have {num_classes} classes: the model and the dataset disagree on classes"
+        )
+    top = logits.topk(max(ks), dim=1).indices  # (N, max k), best first
+    hit = top == target.to(top.device)[:, None]  # (N, max k); at most one True per row
+    return {k: int(hit[:, :k].sum()) for k in ks}
+
+
+class Accuracy:
+    """Top-k accuracy over all samples seen, in percent."""
+
+    def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
+        if not ks or min(ks) < 1:
+            raise ValueError(f"ks={tuple(ks)} must be non-empty positive ints; e.g. ks=[1,5]")
+        self.ks = tuple(ks)
+        # [correct@k for k in ks..., samples]
+        self._sums = torch.zeros(len(self.ks) + 1, dtype=torch.int64)
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add a batch: logits (N, classes), target (N,)."""
+        correct = topk_correct(logits, target, self.ks)
+        self._sums += torch.tensor([correct[k] for k in self.ks] + [target.numel()])
+
+    def state(self) -> Tensor:
+        """The counts, (len(ks) + 1,) int64, to all-reduce and `merge` elsewhere."""
+        return self._sums.clone()
+
+    def merge(self, state: Tensor) -> None:
+        """Add another accumulator's `state()` (or a reduction of several) into this one."""
+        if state.shape != self._sums.shape:
+            raise ValueError(
+                f"state must have shape ({len(self._sums)},), got {tuple(state.shape)}"
+            )
+        self._sums += state.detach().to("cpu", torch.int64)
+
+    def compute(self) -> dict[str, float | int]:
+        """{"top1": %, "top5": % (one key per k), "images": samples seen}."""
+        *correct, count = self._sums.tolist()
+        if count == 0:
+            raise ValueError("Accuracy has no samples: call update() before compute()")
+        result: dict[str, float | int] = {
+            f"top{k}": 100.0 * c / count for k, c in zip(self.ks, correct)
+        }
+        result["images"] = count
+        return result

@@ -1,0 +1,159 @@
+"""CocoInstances on a hand-made COCO: kept instances, boxes, masks, point prompts, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from spatialmerge.data import CocoInstances, DatasetLayoutError, collate_list, mask_interior_point
+from spatialmerge.data.synthetic import write_synthetic_coco
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_synthetic_coco(str(tmp_path_factory.mktemp("coco")))
+
+
+def _square(height: int, width: int, rows: slice, cols: slice) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[rows, cols] = True
+    return mask
+
+
+def test_keeps_exactly_the_non_crowd_non_empty_instances(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root)
+    # Image 3 has only a crowd and an empty annotation, so it is skipped as a whole.
+    assert len(dataset) == 2
+    items = [dataset[0], dataset[1]]
+    assert [item["image_id"] for item in items] == [1, 2]
+    assert items[0]["ann_ids"].tolist() == [101, 102]  # 103 is a crowd
+    assert items[1]["ann_ids"].tolist() == [202, 203]  # 201 is empty
+
+
+def test_item_shapes_and_types(coco_root: str) -> None:
+    item = CocoInstances(coco_root)[1]  # the PNG image, 40x56
+    assert item["image"].shape == (40, 56, 3) and item["image"].dtype == np.uint8
+    assert item["masks"].shape == (2, 40, 56) and item["masks"].dtype == bool
+    assert item["boxes"].shape == (2, 4) and item["boxes"].dtype == np.float32
+    assert item["points"].shape == (2, 2) and item["points"].dtype == np.float32
+
+
+def test_boxes_are_xyxy_from_coco_xywh(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root)
+    # xywh (8, 6, 16, 16) and (30, 10, 5, 5); then (4, 4, 36, 26) and (51, 0, 5, 5).
+    np.testing.assert_array_equal(dataset[0]["boxes"], [[8, 6, 24, 22], [30, 10, 35, 15]])
+    np.testing.assert_array_equal(dataset[1]["boxes"], [[4, 4, 40, 30], [51, 0, 56, 5]])
+
+
+def test_rle_masks_decode_to_the_hand_made_squares(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root)
+    uncompressed = dataset[0]["masks"][1]
+    compressed = dataset[1]["masks"][1]
+    np.testing.assert_array_equal(uncompressed, _square(48, 64, slice(10, 15), slice(30, 35)))
+    np.testing.assert_array_equal(compressed, _square(40, 56, slice(0, 5), slice(51, 56)))
+
+
+def test_polygon_masks_fill_their_polygon(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root)
+    square, triangle = dataset[0]["masks"][0], dataset[1]["masks"][0]
+    assert square.sum() == 16 * 16
+    assert not square[:6].any() and not square[:, :8].any()  # nothing above / left of the bbox
+    # Right triangle with legs 36 and 26: about 36 * 26 / 2 = 468 pixels.
+    assert abs(int(triangle.sum()) - 468) < 20
+
+
+def test_point_prompt_is_the_centre_of_a_square(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root)
+    # 5x5 square at x 30..34, y 10..14: its centre pixel.
+    np.testing.assert_array_equal(dataset[0]["points"][1], [32, 12])
+    # 5x5 square touching the top and right image edges at x 51..55, y 0..4: the image edge
+    # counts as border, so the point is the square's centre, not a pixel on the edge.
+    np.testing.assert_array_equal(dataset[1]["points"][1], [53, 2])
+
+
+def test_interior_point_ties_go_to_the_first_pixel_in_row_major_order() -> None:
+    # A 4x6 rectangle at y 5..8, x 10..15: distance 2 on rows 6..7 x cols 11..14; first is (11, 6).
+    mask = _square(20, 20, slice(5, 9), slice(10, 16))
+    assert mask_interior_point(mask) == (11.0, 6.0)
+
+
+def test_interior_point_of_an_l_shape_lies_in_its_thick_part() -> None:
+    mask = _square(30, 30, slice(2, 9), slice(2, 9))  # 7x7 block, centre (5, 5)
+    mask[8:28, 2:4] = True  # a thin leg going down
+    assert mask_interior_point(mask) == (5.0, 5.0)
+
+
+def test_interior_point_of_an_empty_mask_raises() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        mask_interior_point(np.zeros((4, 4), dtype=bool))
+
+
+def test_prompts_follow_the_prompt_kind(coco_root: str) -> None:
+    box_item = CocoInstances(coco_root, prompt="box")[0]
+    point_item = CocoInstances(coco_root, prompt="point")[0]
+    np.testing.assert_array_equal(box_item["prompts"], box_item["boxes"])
+    np.testing.assert_array_equal(point_item["prompts"], point_item["points"])
+
+
+def test_max_images_keeps_the_first_images(coco_root: str) -> None:
+    dataset = CocoInstances(coco_root, max_images=1)
+    assert len(dataset) == 1 and dataset[0]["image_id"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"prompt": "mask"}, "dataset.prompt"), ({"max_images": 0}, "dataset.max_images")],
+)
+def test_bad_arguments_raise(coco_root: str, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CocoInstances(coco_root, **kwargs)
+
+
+def test_missing_annotations_raise_a_layout_error(tmp_path: Path) -> None:
+    os.makedirs(tmp_path / "val2017")
+    with pytest.raises(DatasetLayoutError) as info:
+        CocoInstances(str(tmp_path))
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str(tmp_path / "annotations" / "instances_val2017.json") in message
+    assert "dataset.root=" in message and "cocodataset.org" in message
+
+
+def test_missing_image_folder_raises_a_layout_error(tmp_path: Path) -> None:
+    root = write_synthetic_coco(str(tmp_path))
+    os.rename(tmp_path / "val2017", tmp_path / "images")
+    with pytest.raises(DatasetLayoutError, match="dataset.root="):
+        CocoInstances(root)
+
+
+def test_missing_image_file_is_named(tmp_path: Path) -> None:
+    root = write_synthetic_coco(str(tmp_path))
+    os.remove(tmp_path / "val2017" / "000000000002.png")
+    with pytest.raises(DatasetLayoutError, match="000000000002.png"):
+        CocoInstances(root)
+
+
+def test_resized_image_is_refused(tmp_path: Path) -> None:
+    root = write_synthetic_coco(str(tmp_path))
+    ann_file = tmp_path / "annotations" / "instances_val2017.json"
+    payload = json.loads(ann_file.read_text())
+    payload["images"][0]["height"] = 96  # the file on disk is 48 px high
+    payload["images"][0]["width"] = 128
+    # Keep only the polygon of image 1, which rasterises at any declared size.
+    payload["annotations"] = [a for a in payload["annotations"] if a["id"] == 101]
+    ann_file.write_text(json.dumps(payload))
+    with pytest.raises(DatasetLayoutError, match="unresized"):
+        CocoInstances(root)[0]
+
+
+def test_dataloader_with_worker_processes_keeps_variable_sizes(coco_root: str) -> None:
+    loader = DataLoader(
+        CocoInstances(coco_root), batch_size=2, num_workers=2, collate_fn=collate_list
+    )
+    (batch,) = list(loader)
+    assert [item["image"].shape for item in batch] == [(48, 64, 3), (40, 56, 3)]

@@ -1,0 +1,96 @@
+"""Tiny random-init models and synthetic datasets for the evaluator tests (CPU, milliseconds)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from torch import nn
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from spatialmerge.data import imagenet_dataset
+from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
+
+TINY_SIZE = 32  # input side of the tiny DeiT
+
+
+def build_tiny_sam() -> Sam:
+    """A SAM with the real architecture at toy size: 128 px input, 8x8 embedding, 32 channels."""
+    torch.manual_seed(0)
+    dim = 32
+    encoder = ImageEncoderViT(
+        img_size=128,
+        patch_size=16,
+        embed_dim=dim,
+        depth=2,
+        num_heads=2,
+        out_chans=dim,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1,),
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim, image_embedding_size=(8, 8), input_image_size=(128, 128), mask_in_chans=16
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+        transformer_dim=dim,
+        iou_head_hidden_dim=32,
+    )
+    return Sam(encoder, prompt_encoder, decoder).eval()
+
+
+def build_tiny_deit(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "deit_tiny_patch16_224",
+        pretrained=False,
+        img_size=TINY_SIZE,
+        patch_size=8,
+        depth=1,
+        num_classes=num_classes,
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def coco_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(write_synthetic_coco(str(tmp_path_factory.mktemp("coco"))))
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes holding 3, 2 and 2 images: 7 images, so two ranks get unequal shards."""
+    return Path(write_synthetic_imagefolder(str(tmp_path_factory.mktemp("imagenet"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(imagenet_root: Path) -> ImageFolder:
+    """The synthetic ImageNet val split at the tiny DeiT's input size (timm's resolved config
+    would say 224 px)."""
+    transform = transforms.Compose(
+        [transforms.Resize(TINY_SIZE), transforms.CenterCrop(TINY_SIZE), transforms.ToTensor()]
+    )
+    return imagenet_dataset(str(imagenet_root), "val", transform=transform)
+
+
+@pytest.fixture
+def tiny_sam() -> Sam:
+    return build_tiny_sam()
+
+
+@pytest.fixture
+def tiny_deit() -> nn.Module:
+    return build_tiny_deit()
