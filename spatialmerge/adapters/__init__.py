@@ -3,7 +3,7 @@
 Importing this package registers every supported family with ``patch``.
 """
 
-from spatialmerge.adapters import sam  # noqa: F401  (registers the SAM families)
+from spatialmerge.adapters import eva, sam, vit  # noqa: F401  (each registers its families)
 from spatialmerge.adapters.base import (
     Adapter,
     GridRun,

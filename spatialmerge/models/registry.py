@@ -51,5 +51,5 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
     model_info(name)  # raises the ValueError that lists the known names
     # Fail before spending seconds initialising a large model that could not be loaded anyway.
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
-        raise CheckpointNotFoundError(Path(checkpoint).expanduser(), name)
+        raise CheckpointNotFoundError(Path(checkpoint).expanduser().absolute(), name)
     return _BUILDERS[name](checkpoint, **overrides)

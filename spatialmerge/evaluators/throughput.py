@@ -1,0 +1,233 @@
+"""Throughput: how much faster a merge schedule makes a model, measured honestly.
+
+Variants (the unmerged model and each merged one) are timed alternately in one process, after a
+warm-up, and the median per-batch time is reported, so drift (thermal, other load) hits every
+variant alike. FLOPs come from PyTorch's own flop counter; the FLOP-ideal speed-up next to the
+measured one shows where memory traffic, not arithmetic, sets the pace.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import spatialmerge
+from spatialmerge.adapters import patch_state
+
+if TYPE_CHECKING:
+    from spatialmerge.pipeline import EvalContext
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: SAM encoders' ``img_size``, timm's pretrained config."""
+    encoder = getattr(model, "image_encoder", model)
+    if hasattr(encoder, "img_size") and isinstance(encoder.img_size, int):
+        return 3, encoder.img_size, encoder.img_size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        h, w = patch_embed.img_size
+        return 3, int(h), int(w)
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"])  # type: ignore[return-value]
+    raise ValueError(
+        f"cannot tell the input size of {type(model).__name__}; pass image_size=... to the "
+        "throughput evaluator"
+    )
+
+
+def timed_module(model: nn.Module) -> nn.Module:
+    """The part whose speed merging changes: SAM's image encoder, else the whole model."""
+    return getattr(model, "image_encoder", model)
+
+
+def count_flops(module: nn.Module, x: Tensor) -> int:
+    """FLOPs of one forward, counted by ``torch.utils.flop_counter``."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        module(x)
+    return counter.get_total_flops()
+
+
+@dataclass
+class Variant:
+    name: str
+    module: nn.Module
+    times: list[float]
+    flops: int = 0
+    tokens: int | None = None
+    peak_memory_mb: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(
+    variants: list[Variant],
+    make_input: Callable[[], Tensor],
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    autocast: Any,
+) -> None:
+    """Fill each variant's ``times`` with ``iters`` seconds-per-batch, alternating variants."""
+    x = make_input()
+    with torch.inference_mode(), autocast:
+        for _ in range(warmup):
+            for variant in variants:
+                variant.module(x)
+        _sync(device)
+        for _ in range(iters):
+            for variant in variants:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                variant.module(x)
+                _sync(device)
+                variant.times.append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) / 2**20
+                    variant.peak_memory_mb = max(variant.peak_memory_mb or 0.0, peak)
+
+
+def _tokens(model: nn.Module, unmerged: int) -> int | None:
+    """Patch tokens after the last merge; None where it changes every layer (per-layer ToMe)."""
+    state = patch_state(model)
+    if state is not None and state.config.per_layer:
+        return None
+    if state is None or state.last_hw is None:
+        return unmerged
+    h, w = state.last_hw[1]
+    return h * w
+
+
+class ThroughputEvaluator:
+    """Measures img/s, speed-up and FLOPs of a merged model against the same model unmerged.
+
+    Args:
+        batch_size: images per forward.
+        warmup: untimed rounds (every variant once per round).
+        iters: timed rounds; the median is reported.
+        dtype: ``fp32``, or ``fp16`` / ``bf16`` autocast (CUDA only).
+        compile: wrap every variant in ``torch.compile``.
+        image_size: input side; None takes the model's own.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 1,
+        warmup: int = 1,
+        iters: int = 3,
+        dtype: str = "fp32",
+        compile: bool = False,
+        image_size: int | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if batch_size < 1 or iters < 1 or warmup < 0:
+            raise ValueError(
+                f"batch_size={batch_size}, iters={iters} must be >= 1 and warmup={warmup} >= 0"
+            )
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.iters = iters
+        self.dtype = dtype
+        self.compile = compile
+        self.image_size = image_size
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        merges: Mapping[str, Mapping[str, Any]],
+        device: str | torch.device = "cpu",
+    ) -> dict[str, Any]:
+        """Time ``model`` unmerged and with each merge in ``merges`` (name -> patch kwargs).
+
+        Returns ``{"baseline": {...}, name: {...}, ...}`` with img_s, ms_per_batch, gflops,
+        tokens, speedup, flop_speedup and peak_memory_mb (CUDA) per variant.
+        """
+        device = torch.device(device)
+        if self.dtype != "fp32" and device.type != "cuda":
+            raise ValueError(
+                f"dtype={self.dtype} autocast is for CUDA; on {device.type} use evaluator dtype=fp32"
+            )
+        model = model.eval().to(device)
+        spatialmerge.unpatch(model)
+        channels, h, w = input_size(model)
+        if self.image_size is not None:
+            h = w = self.image_size
+        shape = (self.batch_size, channels, h, w)
+        generator = torch.Generator().manual_seed(0)
+
+        def make_input() -> Tensor:
+            return torch.randn(shape, generator=generator).to(device)
+
+        variants = [Variant("baseline", timed_module(model), [])]
+        for name, options in merges.items():
+            merged = copy.deepcopy(model)
+            spatialmerge.patch(merged, **dict(options))
+            variants.append(Variant(name, timed_module(merged), []))
+        probe = make_input()
+        for variant in variants:
+            variant.flops = count_flops(variant.module, probe)
+        unmerged_tokens = self._grid_tokens(variants[0].module, probe)
+        for variant in variants:
+            variant.tokens = _tokens(variant.module, unmerged_tokens)
+            if self.compile:
+                variant.module = torch.compile(variant.module)
+        autocast = (
+            torch.autocast(device.type, dtype=DTYPES[self.dtype]) if self.dtype != "fp32" else nullcontext()
+        )
+        time_variants(variants, make_input, self.warmup, self.iters, device, autocast)
+        return self._summarise(variants, device)
+
+    def run(self, ctx: "EvalContext") -> dict[str, Any]:
+        """Pipeline entry: the unmerged model against the configured merge."""
+        merges = {} if ctx.merge is None else {ctx.merge["method"]: ctx.merge}
+        return self.evaluate(ctx.model, merges, ctx.device)
+
+    @staticmethod
+    def _grid_tokens(module: nn.Module, x: Tensor) -> int:
+        patch_embed = getattr(module, "patch_embed", None)
+        if patch_embed is None:
+            return 0
+        with torch.inference_mode():
+            out = patch_embed(x[:1])
+        return out.shape[1] * out.shape[2] if out.dim() == 4 else out.shape[1]
+
+    def _summarise(self, variants: list[Variant], device: torch.device) -> dict[str, Any]:
+        base = variants[0]
+        base_s = statistics.median(base.times)
+        results: dict[str, Any] = {}
+        for variant in variants:
+            seconds = statistics.median(variant.times)
+            results[variant.name] = {
+                "img_s": self.batch_size / seconds,
+                "ms_per_batch": seconds * 1e3,
+                "gflops": variant.flops / 1e9 / self.batch_size,
+                "tokens": variant.tokens,
+                "speedup": base_s / seconds,
+                "flop_speedup": base.flops / variant.flops if variant.flops else float("nan"),
+                "peak_memory_mb": variant.peak_memory_mb,
+            }
+        results["setup"] = {
+            "device": str(device),
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "warmup": self.warmup,
+            "iters": self.iters,
+            "compile": self.compile,
+        }
+        return results

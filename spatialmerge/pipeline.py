@@ -1,0 +1,213 @@
+"""Glue between a composed config and the components: build, patch, evaluate, record.
+
+``eval.py`` stays short by calling ``run_evaluation``; tests call it too, on composed configs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import spatialmerge
+from spatialmerge import distributed
+from spatialmerge.adapters import find_adapter
+from spatialmerge.models import model_info
+from spatialmerge.results import RESULTS_FILE, environment, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Evaluators whose numbers mean nothing with random weights.
+ACCURACY_EVALUATORS = ("miou", "top1")
+
+
+class AccuracyNeedsWeightsError(ValueError):
+    """An accuracy evaluator was asked to run on a randomly initialised model."""
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets the component's own error through: Hydra wraps it
+    in an InstantiationException whose text buries the message a user needs."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+def model_depth(model: nn.Module) -> int:
+    adapter = find_adapter(model)
+    return adapter.depth(adapter.target(model))
+
+
+def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None:
+    """Turn a ``merge`` config into ``spatialmerge.patch`` keyword arguments.
+
+    Precedence, so sweeps can set every key for every method: ``r`` (per-layer ToMe) >
+    ``stages`` > ``r_h``/``r_w`` > ``ratio``; ``loc: null`` means a quarter of the depth.
+    Returns None for ``method: none``.
+    """
+    options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(merge))).items()}
+    method = options.pop("method")
+    if method == "none":
+        return None
+    schedule_keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
+    schedule = {k: options.pop(k, None) for k in schedule_keys}
+    if schedule["r"] is not None:
+        chosen: dict[str, Any] = {"r": schedule["r"]}
+    elif schedule["stages"]:
+        chosen = {"stages": schedule["stages"]}
+    else:
+        loc = schedule["loc"] if schedule["loc"] is not None else depth // 4
+        if schedule["r_h"] is not None or schedule["r_w"] is not None:
+            chosen = {"loc": loc, "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
+        else:
+            chosen = {"loc": loc, "ratio": schedule["ratio"]}
+    return {"method": method, **chosen, **options}
+
+
+@dataclass
+class EvalContext:
+    """Everything an evaluator may need; the dataset is built on first use only.
+
+    Attributes:
+        model: the unmerged model.
+        merge: ``patch`` keyword arguments, or None for the unmerged baseline.
+        device: where to run.
+        dataset_factory: builds the configured dataset; takes ``transform`` for ImageNet.
+    """
+
+    model: nn.Module
+    merge: dict[str, Any] | None
+    device: str
+    dataset_factory: Callable[..., Any] | None = None
+    _dataset: Any = field(default=None, repr=False)
+
+    def dataset(self, transform: Callable[..., Any] | None = None) -> Any:
+        """The configured dataset, built once; ``transform`` (e.g. the model's own eval
+        transforms) goes to datasets that take one."""
+        if self._dataset is None:
+            if self.dataset_factory is None:
+                raise ValueError("this evaluator needs a dataset; choose one with dataset=...")
+            takes_transform = "transform" in inspect.signature(self.dataset_factory).parameters
+            self._dataset = (
+                self.dataset_factory(transform=transform) if takes_transform else self.dataset_factory()
+            )
+        return self._dataset
+
+    def merged_model(self) -> nn.Module:
+        """The model with the configured merge applied (unmerged when ``merge`` is None)."""
+        spatialmerge.unpatch(self.model)
+        if self.merge is not None:
+            spatialmerge.patch(self.model, **self.merge)
+        return self.model
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Build the model, apply the merge and run every configured evaluator.
+
+    Returns ``{"merge": resolved patch kwargs, "metrics": {evaluator: {...}}, "notes": [...]}``.
+    """
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = instantiate(cfg.model)
+    merge = merge_options(cfg.merge, model_depth(model))
+    notes: list[str] = []
+    evaluators = dict(cfg.evaluator)
+    if cfg.model.get("checkpoint") is None:
+        info = model_info(cfg.model.name)
+        asked = [name for name in evaluators if name in ACCURACY_EVALUATORS]
+        if asked:
+            raise AccuracyNeedsWeightsError(
+                f"evaluator {', '.join(asked)} measures accuracy and needs trained weights, but "
+                f"model.checkpoint is null (random weights); set model.checkpoint=/path/to/"
+                f"{info.checkpoint_file} ({info.where_to_get()})"
+            )
+        notes.append(
+            "random weights: speed and FLOPs are real, accuracy needs a checkpoint "
+            f"(model={cfg.model.name} model.checkpoint=/path/to/{info.checkpoint_file})"
+        )
+    ctx = EvalContext(model, merge, str(cfg.device), instantiate(cfg.dataset) if "dataset" in cfg else None)
+    metrics: dict[str, Any] = {}
+    for name, evaluator_cfg in evaluators.items():
+        evaluator = instantiate(evaluator_cfg)
+        if name == "throughput" and not distributed.is_main():
+            continue  # timing is per device; rank 0's is the one reported
+        log.info("running evaluator %s", name)
+        start = time.perf_counter()
+        metrics[name] = evaluator.run(ctx)
+        metrics[name]["seconds"] = time.perf_counter() - start
+    return {"merge": merge, "metrics": metrics, "notes": notes}
+
+
+def record(
+    run_dir: Path,
+    cfg: DictConfig,
+    outcome: Mapping[str, Any] | None,
+    status: str,
+    error: str | None,
+    started: float,
+) -> dict[str, Any]:
+    """Write results.json (atomically) and return what was written."""
+    payload = {
+        "status": status,
+        "error": error,
+        "model": cfg.model.get("name"),
+        "merge": None if outcome is None else outcome["merge"],
+        "metrics": {} if outcome is None else outcome["metrics"],
+        "notes": [] if outcome is None else outcome["notes"],
+        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
+        "environment": environment(str(cfg.device)),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "duration_s": time.time() - started,
+    }
+    write_json_atomic(Path(run_dir) / RESULTS_FILE, payload)
+    return payload
+
+
+def format_summary(payload: Mapping[str, Any]) -> str:
+    """A readable text table of a run's results, for the terminal."""
+    lines = [f"model: {payload['model']}   merge: {_merge_text(payload['merge'])}"]
+    metrics = payload["metrics"]
+    speed = metrics.get("throughput")
+    if speed:
+        setup = speed["setup"]
+        lines.append(
+            f"throughput ({setup['device']}, {setup['dtype']}, batch {setup['batch_size']}, "
+            f"median of {setup['iters']}):"
+        )
+        header = f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} {'FLOP-ideal':>11}"
+        lines.append(header)
+        for name, row in speed.items():
+            if name in ("setup", "seconds"):
+                continue
+            tokens = "-" if row["tokens"] is None else str(row["tokens"])
+            lines.append(
+                f"  {name:<10} {tokens:>7} {row['gflops']:>9.1f} {row['img_s']:>9.3f} "
+                f"{row['speedup']:>8.2f}x {row['flop_speedup']:>10.2f}x"
+            )
+    for name, values in metrics.items():
+        if name == "throughput":
+            continue
+        shown = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items() if k != "seconds"
+        )
+        lines.append(f"{name}: {shown}")
+    lines.extend(f"note: {note}" for note in payload.get("notes", []))
+    return "\n".join(lines)
+
+
+def _merge_text(merge: Mapping[str, Any] | None) -> str:
+    if merge is None:
+        return "none"
+    keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
+    return merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)

@@ -1,0 +1,119 @@
+"""Every option of every config group composes and instantiates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import spatialmerge
+from spatialmerge.adapters import MergeConfig
+from spatialmerge.loggers import RunLogger
+from spatialmerge.pipeline import merge_options
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def compose_eval(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+def test_every_group_has_its_expected_options():
+    assert {"sam_b", "sam_l", "sam_h", "samvit_b", "deit_t", "deit_s", "deit_b", "dinov3_s", "dinov3_b"} <= set(
+        options("model")
+    )
+    assert set(options("merge")) >= {"none", "cubist", "tome", "expedite", "oracle"}
+    assert set(options("dataset")) == {"coco", "imagenet", "folder"}
+    assert {"miou", "top1", "throughput", "fidelity"} <= set(options("evaluator"))
+    assert set(options("logger")) == {"wandb", "jsonl", "none"}
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_build_the_named_backbone(name):
+    cfg = compose_eval(f"model={name}")
+    assert cfg.model.name in spatialmerge.models.available_models()
+    with torch.device("meta"):  # full-size architecture, no memory, no weights needed
+        model = instantiate(cfg.model, checkpoint=None)
+    assert isinstance(model, torch.nn.Module)
+    assert spatialmerge.adapters.find_adapter(model) is not None
+
+
+@pytest.mark.parametrize(
+    ("model", "evaluators", "dataset"),
+    [
+        ("sam_b_random", {"throughput"}, "spatialmerge.data.CocoInstances"),
+        ("sam_h", {"miou", "throughput"}, "spatialmerge.data.CocoInstances"),
+        ("deit_b", {"top1", "throughput"}, "spatialmerge.data.imagenet_dataset"),
+        ("dinov3_b", {"fidelity", "throughput"}, "spatialmerge.data.ImageFolderUnlabeled"),
+    ],
+)
+def test_a_model_picks_its_natural_evaluators_and_dataset(model, evaluators, dataset):
+    cfg = compose_eval(f"model={model}")
+    assert set(cfg.evaluator) == evaluators
+    assert cfg.dataset._target_ == dataset
+
+
+def test_command_line_evaluator_beats_the_models_choice():
+    cfg = compose_eval("model=sam_h", "evaluator=fidelity", "dataset=folder")
+    assert set(cfg.evaluator) == {"fidelity"}
+
+
+@pytest.mark.parametrize("name", options("evaluator"))
+def test_evaluator_options_instantiate(name):
+    cfg = compose_eval(f"evaluator={name}")
+    for node in cfg.evaluator.values():
+        evaluator = instantiate(node)
+        assert callable(evaluator.run)
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_options_instantiate_to_factories(name, tmp_path):
+    cfg = compose_eval(f"dataset={name}", f"paths.data_dir={tmp_path}")
+    factory = instantiate(cfg.dataset)
+    assert callable(factory)
+    with pytest.raises(FileNotFoundError, match="dataset.root"):
+        factory()  # nothing is there: the layout error names the key to set
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options_instantiate(name):
+    assert isinstance(instantiate(compose_eval(f"logger={name}").logger), RunLogger)
+
+
+@pytest.mark.parametrize("name", options("merge"))
+def test_merge_options_resolve_to_valid_patch_requests(name):
+    cfg = compose_eval(f"merge={name}")
+    request = merge_options(cfg.merge, depth=12)
+    if name == "none":
+        assert request is None
+        return
+    config = MergeConfig.create(**request)
+    assert config.method == name and config.stages[0].loc == 3, "loc null means a quarter of the depth"
+
+
+def test_merge_schedule_precedence():
+    cfg = compose_eval("model=deit_b", "merge=cubist", "merge.loc=1", "merge.r_h=1", "merge.r_w=1")
+    assert merge_options(cfg.merge, 12) == {
+        **merge_options(cfg.merge, 12),
+        "loc": 1,
+        "r_h": 1,
+        "r_w": 1,
+    }
+    assert "ratio" not in merge_options(cfg.merge, 12)
+    cfg = compose_eval("merge=tome", "merge.r=8")
+    assert MergeConfig.create(**merge_options(cfg.merge, 12)).per_layer
+    cfg = compose_eval("merge=cubist", "merge.stages=[[1,2,2],[4,1,1]]")
+    assert len(MergeConfig.create(**merge_options(cfg.merge, 12)).stages) == 2
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose(name):
+    cfg = compose_eval(f"experiment={name}")
+    assert OmegaConf.select(cfg, "model.name")
