@@ -1,0 +1,373 @@
+"""Label-free fidelity: how much merging changes a model's output, on any folder of images.
+
+The unmerged model and a merged copy see the same inputs and their outputs are compared, so no
+labels are needed and users can run ablations on their own photos. What is compared depends on
+what the model produces:
+
+- ``"sam"`` (segment-anything ``Sam``): per image, the masks both models predict for the same
+  regular grid of point prompts (as ``SamAutomaticMaskGenerator`` lays them out, label 1,
+  ``multimask_output=False``, thresholded at original resolution), and the image embeddings.
+- ``"classifier"`` (timm ``VisionTransformer`` / DeiT with a head): top-1 agreement, KL of the
+  softmax outputs and top-5 overlap.
+- ``"features"`` (timm ``Eva`` / DINOv3, ``VisionTransformerSAM`` and headless ViTs): cosine
+  similarity of the dense patch features, recovered to the full grid, and of the pooled output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything import SamPredictor
+from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.utils.amg import build_point_grid
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_sam import VisionTransformerSAM
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+import spatialmerge
+from spatialmerge.data.coco import collate_list
+from spatialmerge.data.imagenet import eval_transform
+from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
+from spatialmerge.evaluators.metrics import mask_iou
+
+if TYPE_CHECKING:
+    from spatialmerge.pipeline import EvalContext
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sam", "classifier", "features"]
+
+_SUPPORTED = (
+    "segment_anything.modeling.Sam, timm VisionTransformer (DeiT; a classifier when "
+    "num_classes > 0, else a feature backbone), timm Eva (DINOv3) and timm VisionTransformerSAM"
+)
+
+
+def model_kind(model: nn.Module) -> Kind:
+    """Which comparison fits ``model``: ``"sam"``, ``"classifier"`` or ``"features"``."""
+    if isinstance(model, Sam):
+        return "sam"
+    if isinstance(model, VisionTransformer):
+        return "classifier" if model.num_classes > 0 else "features"
+    if isinstance(model, (Eva, VisionTransformerSAM)):
+        return "features"
+    hint = (
+        "; pass the whole Sam (its prompts and masks are what fidelity compares)"
+        if isinstance(model, ImageEncoderViT)
+        else ""
+    )
+    raise TypeError(
+        f"the fidelity evaluator does not support {type(model).__module__}."
+        f"{type(model).__qualname__}; supported: {_SUPPORTED}{hint}"
+    )
+
+
+def fidelity_map(
+    unmerged: Tensor, merged: Tensor, layout: Literal["NCHW", "NHWC"] = "NCHW"
+) -> Tensor:
+    """Cosine similarity of merged vs unmerged features at every grid position.
+
+    Args:
+        unmerged, merged: dense features of the same shape, (B, C, H, W) for ``layout="NCHW"``
+            or (B, H, W, C) for ``"NHWC"``.
+
+    Returns:
+        (B, H, W) float32 in [-1, 1]: 1 where merging left the feature's direction unchanged.
+    """
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout={layout!r} is not supported; choose NCHW or NHWC")
+    if unmerged.shape != merged.shape or unmerged.dim() != 4:
+        raise ValueError(
+            f"unmerged and merged must be dense features of one shape, (B, C, H, W) or "
+            f"(B, H, W, C); got {tuple(unmerged.shape)} and {tuple(merged.shape)}"
+        )
+    return _cosine(unmerged, merged, dim=1 if layout == "NCHW" else -1)  # (B, H, W)
+
+
+def _cosine(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    # Rounding can put the cosine of (nearly) parallel float32 vectors a hair above 1.
+    return F.cosine_similarity(a.float(), b.float(), dim=dim).clamp(-1.0, 1.0)
+
+
+def logit_fidelity(unmerged: Tensor, merged: Tensor) -> dict[str, Tensor]:
+    """Per-sample agreement of two classifiers' logits (N, classes).
+
+    Returns (N,) float tensors: ``top1_agreement`` (1 where the argmax is the same) and ``kl``
+    (KL(softmax(unmerged) || softmax(merged)) in nats: the information the merged model loses
+    about the unmerged model's prediction).
+    """
+    _check_logits(unmerged, merged)
+    log_p = F.log_softmax(unmerged.float(), dim=1)  # (N, classes)
+    log_q = F.log_softmax(merged.float(), dim=1)
+    return {
+        "top1_agreement": (log_p.argmax(1) == log_q.argmax(1)).float(),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(1),
+    }
+
+
+def topk_overlap(unmerged: Tensor, merged: Tensor, k: int = 5) -> Tensor:
+    """Share of the unmerged top-k classes that are also in the merged top-k: (N,) in [0, 1].
+
+    k must be below the number of classes: with k equal to it the overlap is 1 by construction.
+    """
+    _check_logits(unmerged, merged)
+    if not 1 <= k < unmerged.shape[1]:
+        raise ValueError(
+            f"k={k} must be in [1, {unmerged.shape[1] - 1}] (below the number of classes)"
+        )
+    top_p = unmerged.topk(k, dim=1).indices  # (N, k)
+    top_q = merged.topk(k, dim=1).indices
+    return (top_p[:, :, None] == top_q[:, None, :]).any(2).sum(1).float() / k  # (N,)
+
+
+def _check_logits(unmerged: Tensor, merged: Tensor) -> None:
+    if unmerged.shape != merged.shape or unmerged.dim() != 2:
+        raise ValueError(
+            f"logits must both be (N, classes) of one shape, got {tuple(unmerged.shape)} and "
+            f"{tuple(merged.shape)}"
+        )
+
+
+def dense_features(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A timm backbone's patch features as a grid, and its pooled output if it has one.
+
+    images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C') or None). Prefix tokens (CLS,
+    registers) are left out of the grid; samvit's neck output already is the grid.
+    """
+    tokens = model.forward_features(images)
+    if tokens.dim() == 4:  # samvit: (B, C, H, W)
+        grid = tokens
+    else:  # (B, P + H * W, C)
+        h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+        patches = tokens[:, model.num_prefix_tokens :]
+        if patches.shape[1] != h * w:
+            raise RuntimeError(
+                f"{type(model).__name__} returned {patches.shape[1]} patch tokens for a {h}x{w} "
+                "grid: the merge was not recovered, so merged and unmerged tokens do not line up"
+            )
+        grid = patches.unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (B, C, H, W)
+    pooled = model.forward_head(tokens, pre_logits=True)
+    return grid, pooled if pooled.dim() == 2 else None
+
+
+class _Sums:
+    """Named per-item sums and an item count, reduced across ranks as one tensor."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Tensor], count: int) -> None:
+        """Add ``count`` items; each value is the sum of that metric over those items."""
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += count
+
+    def means(self, scale: dict[str, float]) -> dict[str, float]:
+        """Per-item means over every rank, each times ``scale.get(name, 1)`` (100 for %)."""
+        names = list(self.sums)
+        total = all_reduce_sum([self.sums[name] for name in names] + [float(self.count)]).tolist()
+        count = total.pop()
+        return {name: scale.get(name, 1.0) * value / count for name, value in zip(names, total)}
+
+
+class FidelityEvaluator:
+    """Compares a merged model's outputs with the same model unmerged; needs no labels.
+
+    Args:
+        max_images: use at most the dataset's first ``max_images`` images; None for all.
+        points_per_side: SAM only: prompts are a ``points_per_side`` x ``points_per_side`` grid.
+        batch_size: images per forward for timm models (SAM runs one image at a time).
+        num_workers: DataLoader processes decoding and transforming images.
+        progress: show a tqdm bar (on rank 0 only).
+
+    Under torch.distributed each rank compares a disjoint shard and the sums are all-reduced, so
+    every rank returns the numbers one process would.
+    """
+
+    def __init__(
+        self,
+        max_images: int | None = None,
+        points_per_side: int = 4,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        progress: bool = True,
+    ) -> None:
+        if max_images is not None and max_images < 1:
+            raise ValueError(
+                f"evaluator.max_images={max_images} must be >= 1; use evaluator.max_images=null "
+                "for all images"
+            )
+        if points_per_side < 1 or batch_size < 1:
+            raise ValueError(
+                f"evaluator.points_per_side={points_per_side} and evaluator.batch_size="
+                f"{batch_size} must be >= 1"
+            )
+        if num_workers < 0:
+            raise ValueError(f"evaluator.num_workers={num_workers} must be >= 0")
+        self.max_images = max_images
+        self.points_per_side = points_per_side
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        merge: dict[str, Any] | None,
+        dataset: Dataset,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, Any]:
+        """Compare ``model`` unmerged with a copy patched by ``spatialmerge.patch(**merge)``.
+
+        ``model`` is unpatched in place, put in eval mode on ``device`` and otherwise left
+        alone. The dataset yields (H, W, 3) uint8 images for SAM and (3, H, W) tensors for timm
+        models (an (image, label) pair or a dict with an "image" also works).
+
+        Returns ``{"kind", "images", ...}`` with, for ``"sam"``: ``mask_iou`` (%, mean over all
+        prompts) and ``embedding_cosine``; ``"classifier"``: ``top1_agreement`` (%), ``kl``
+        (nats) and, with more than 5 classes, ``top5_overlap`` (%); ``"features"``:
+        ``feature_cosine`` (mean over patch positions) and ``pooled_cosine`` where the model
+        pools. With ``merge`` None the model is compared with itself: perfect by construction.
+        """
+        kind = model_kind(model)
+        device = torch.device(device)
+        total = len(dataset)
+        if total == 0:
+            where = getattr(dataset, "root", repr(dataset))
+            raise ValueError(
+                f"the dataset at {where} holds no images; point dataset.root at a folder of images"
+            )
+        model = spatialmerge.unpatch(model).to(device).eval()
+        if merge is None:
+            log.info("no merge configured: the model is compared with itself (perfect fidelity)")
+            merged = model
+        else:
+            options = dict(merge)
+            if kind == "features":
+                # Dense features must line up with the unmerged grid token for token.
+                options["recover"] = True
+            merged = spatialmerge.patch(copy.deepcopy(model), **options)
+        count = total if self.max_images is None else min(self.max_images, total)
+        shard = Subset(dataset, shard_indices(count))
+        with torch.inference_mode():
+            if kind == "sam":
+                sums = self._compare_sam(model, merged, shard)
+                scale = {"mask_iou": 100.0}
+            else:
+                sums = self._compare_timm(model, merged, shard, device, kind)
+                scale = {"top1_agreement": 100.0, "top5_overlap": 100.0}
+        return {"kind": kind, **sums.means(scale), "images": count}
+
+    def run(self, ctx: "EvalContext") -> dict[str, Any]:
+        """Pipeline entry: SAM gets raw images, timm models their own eval transforms."""
+        kind = model_kind(ctx.model)
+        transform = None if kind == "sam" else eval_transform(ctx.model)
+        return self.evaluate(ctx.model, ctx.merge, ctx.dataset(transform=transform), ctx.device)
+
+    def _bar(self, loader: DataLoader, kind: str, unit: str) -> tqdm:
+        return tqdm(
+            loader, desc=f"fidelity ({kind})", unit=unit, disable=not (self.progress and is_main())
+        )
+
+    def _compare_sam(self, sam: Sam, merged: Sam, shard: Subset) -> _Sums:
+        unmerged_predictor = SamPredictor(sam)
+        merged_predictor = unmerged_predictor if merged is sam else SamPredictor(merged)
+        loader = DataLoader(
+            shard, batch_size=1, num_workers=self.num_workers, collate_fn=collate_list
+        )
+        sums = _Sums()
+        for (item,) in self._bar(loader, "sam", "img"):
+            image = np.asarray(_image(item))  # (H, W, 3) uint8
+            embedding, masks = self._sam_outputs(unmerged_predictor, image)
+            if merged_predictor is not unmerged_predictor:
+                merged_embedding, merged_masks = self._sam_outputs(merged_predictor, image)
+            else:
+                merged_embedding, merged_masks = embedding, masks
+            # Every image has the same number of prompts, so this per-prompt sum over images
+            # is also the per-image mean.
+            sums.add(
+                {
+                    "mask_iou": mask_iou(merged_masks, masks).mean(),
+                    "embedding_cosine": fidelity_map(embedding, merged_embedding).mean(),
+                },
+                count=1,
+            )
+        unmerged_predictor.reset_image()
+        merged_predictor.reset_image()
+        return sums
+
+    def _sam_outputs(self, predictor: SamPredictor, image: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The image embedding (1, C, h, w) and the (K, H, W) bool masks of the point grid."""
+        predictor.set_image(image)
+        height, width = image.shape[:2]
+        # As SamAutomaticMaskGenerator: cell centres of a regular grid, scaled to (x, y) pixels.
+        points = build_point_grid(self.points_per_side) * np.array([[width, height]])  # (K, 2)
+        points_t = torch.as_tensor(points, dtype=torch.float32, device=predictor.device)
+        coords = predictor.transform.apply_coords_torch(points_t[:, None], (height, width))
+        # coords (K, 1, 2): one foreground click per prompt.
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
+        masks, _, _ = predictor.predict_torch(coords, labels, multimask_output=False)
+        return predictor.get_image_embedding(), masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+
+    def _compare_timm(
+        self, model: nn.Module, merged: nn.Module, shard: Subset, device: torch.device, kind: Kind
+    ) -> _Sums:
+        loader = DataLoader(
+            shard,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        sums = _Sums()
+        for batch in self._bar(loader, kind, "batch"):
+            images = _image(batch).to(device, non_blocking=True)  # (B, 3, H, W)
+            compare = self._compare_logits if kind == "classifier" else self._compare_features
+            sums.add(compare(model, merged, images), count=images.shape[0])
+        return sums
+
+    @staticmethod
+    def _compare_logits(model: nn.Module, merged: nn.Module, images: Tensor) -> dict[str, Tensor]:
+        logits = model(images)  # (B, classes)
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"the model returned {type(logits).__name__}, expected a (B, classes) logits "
+                "tensor; evaluate the model in eval mode"
+            )
+        merged_logits = logits if merged is model else merged(images)
+        sums = {name: value.sum() for name, value in logit_fidelity(logits, merged_logits).items()}
+        if logits.shape[1] > 5:
+            sums["top5_overlap"] = topk_overlap(logits, merged_logits, 5).sum()
+        return sums
+
+    @staticmethod
+    def _compare_features(
+        model: nn.Module, merged: nn.Module, images: Tensor
+    ) -> dict[str, Tensor]:
+        grid, pooled = dense_features(model, images)  # (B, C, H, W), (B, C') or None
+        if merged is model:
+            merged_grid, merged_pooled = grid, pooled
+        else:
+            merged_grid, merged_pooled = dense_features(merged, images)
+        sums = {"feature_cosine": fidelity_map(grid, merged_grid).mean((1, 2)).sum()}
+        if pooled is not None and merged_pooled is not None:
+            sums["pooled_cosine"] = _cosine(pooled, merged_pooled, dim=1).sum()
+        return sums
+
+
+def _image(item: Any) -> Any:
+    """The image of a dataset item (or batch): the item itself, an (image, label) pair's first
+    element, or a COCO-style dict's "image"."""
+    if isinstance(item, dict):
+        return item["image"]
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    return item

@@ -1,0 +1,206 @@
+"""FidelityEvaluator on tiny random-init SAM, DeiT and DINOv3 models, and its metrics by hand."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from segment_anything.modeling import Sam
+from skimage import data
+from skimage.transform import resize
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+import spatialmerge
+from spatialmerge.data import ImageFolderUnlabeled
+from spatialmerge.evaluators.fidelity import (
+    FidelityEvaluator,
+    fidelity_map,
+    logit_fidelity,
+    model_kind,
+    topk_overlap,
+)
+from spatialmerge.pipeline import EvalContext
+
+SIDE = 64  # input side of the tiny DeiT / DINOv3
+ZERO_MERGE = dict(method="cubist", loc=1, r_h=0, r_w=0)  # a merge stage that removes nothing
+REAL_MERGE = dict(method="cubist", loc=1, ratio=0.25)
+
+
+def build_deit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", img_size=SIDE, depth=2, num_classes=10).eval()
+
+
+def build_dinov3() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_small_patch16_dinov3", img_size=SIDE, depth=2, embed_dim=64, num_heads=2
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three natural photos, downsized to 72x96 (not square, so SAM resizes and pads)."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea"):
+        image = resize(getattr(data, name)(), (72, 96), anti_aliasing=True)
+        Image.fromarray((image * 255).astype(np.uint8)).save(root / f"{name}.png")
+    return root
+
+
+def tensors(root: Path) -> ImageFolderUnlabeled:
+    transform = transforms.Compose(
+        [transforms.Resize(SIDE), transforms.CenterCrop(SIDE), transforms.ToTensor()]
+    )
+    return ImageFolderUnlabeled(str(root), transform=transform)
+
+
+@pytest.fixture(params=["sam", "classifier", "features"])
+def setup(request: pytest.FixtureRequest, image_root: Path) -> tuple[nn.Module, Dataset, str]:
+    """A tiny model of each kind with the images it takes."""
+    if request.param == "sam":
+        return request.getfixturevalue("tiny_sam"), ImageFolderUnlabeled(str(image_root)), "sam"
+    build = build_deit if request.param == "classifier" else build_dinov3
+    return build(), tensors(image_root), request.param
+
+
+PERFECT: dict[str, dict[str, float]] = {
+    "sam": {"mask_iou": 100.0, "embedding_cosine": 1.0},
+    "classifier": {"top1_agreement": 100.0, "kl": 0.0, "top5_overlap": 100.0},
+    "features": {"feature_cosine": 1.0, "pooled_cosine": 1.0},
+}
+
+
+@pytest.mark.parametrize("merge", [None, ZERO_MERGE], ids=["no-merge", "zero-removal"])
+def test_nothing_merged_is_perfect(
+    setup: tuple[nn.Module, Dataset, str], merge: dict[str, Any] | None
+) -> None:
+    model, dataset, kind = setup
+    result = FidelityEvaluator(num_workers=0, progress=False).evaluate(model, merge, dataset)
+    assert result["kind"] == kind and result["images"] == 3
+    metrics = {k: v for k, v in result.items() if k not in ("kind", "images")}
+    assert metrics == pytest.approx(PERFECT[kind], abs=1e-5)
+
+
+def test_a_real_merge_is_below_perfect(setup: tuple[nn.Module, Dataset, str]) -> None:
+    model, dataset, kind = setup
+    evaluator = FidelityEvaluator(max_images=2, batch_size=2, num_workers=0, progress=False)
+    result = evaluator.evaluate(model, REAL_MERGE, dataset)
+    assert result["kind"] == kind and result["images"] == 2
+    assert set(result) == {"kind", "images", *PERFECT[kind]}
+    assert all(math.isfinite(v) for k, v in result.items() if k != "kind")
+    if kind == "sam":
+        assert 0.0 <= result["mask_iou"] < 100.0
+        assert -1.0 <= result["embedding_cosine"] < 0.9999
+    elif kind == "classifier":
+        # Random weights give near-uniform softmax outputs: argmax may agree, KL must not be 0.
+        assert 0.0 <= result["top1_agreement"] <= 100.0
+        assert 0.0 <= result["top5_overlap"] <= 100.0
+        assert result["kl"] > 1e-7
+    else:
+        assert -1.0 <= result["feature_cosine"] < 0.9999
+        assert -1.0 <= result["pooled_cosine"] < 0.9999
+    # The merge went on a copy: the caller's model stays unmerged.
+    assert spatialmerge.patch_state(model) is None
+
+
+def test_samvit_neck_features_are_compared_per_position(image_root: Path) -> None:
+    torch.manual_seed(0)
+    samvit = timm.create_model(
+        "samvit_base_patch16", img_size=SIDE, depth=2, embed_dim=32, num_heads=2,
+        global_attn_indexes=(1,), window_size=2, neck_chans=16,
+    ).eval()
+    evaluator = FidelityEvaluator(batch_size=3, num_workers=0, progress=False)
+    same = evaluator.evaluate(samvit, ZERO_MERGE, tensors(image_root))
+    merged = evaluator.evaluate(samvit, REAL_MERGE, tensors(image_root))
+    assert same["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert same["pooled_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert -1.0 <= merged["feature_cosine"] < 0.9999
+
+
+@pytest.mark.parametrize("kind", ["sam", "features"])
+def test_run_gives_each_family_its_input(image_root: Path, tiny_sam: Sam, kind: str) -> None:
+    model = tiny_sam if kind == "sam" else build_dinov3()
+    ctx = EvalContext(
+        model, REAL_MERGE, "cpu", partial(ImageFolderUnlabeled, str(image_root))
+    )
+    result = FidelityEvaluator(max_images=2, num_workers=2, progress=False).run(ctx)
+    assert result["kind"] == kind and result["images"] == 2
+    item = ctx.dataset()[0]
+    if kind == "sam":
+        assert isinstance(item, np.ndarray) and item.shape == (72, 96, 3)
+    else:
+        # timm's eval transform for DINOv3: 256 px crop, normalised.
+        assert isinstance(item, Tensor) and item.shape == (3, 256, 256)
+
+
+def test_fidelity_map_by_hand() -> None:
+    unmerged = torch.zeros(1, 2, 1, 3)  # (B, C, H, W): three positions with 2 channels
+    unmerged[0, :, 0] = torch.tensor([[1.0, 1.0, 3.0], [0.0, 0.0, 4.0]])
+    merged = torch.zeros(1, 2, 1, 3)
+    merged[0, :, 0] = torch.tensor([[1.0, 0.0, -6.0], [1.0, 2.0, -8.0]])
+    expected = torch.tensor([[[1 / math.sqrt(2), 0.0, -1.0]]])  # 45 degrees, orthogonal, opposite
+    assert torch.allclose(fidelity_map(unmerged, merged), expected, atol=1e-6)
+    channels_last = fidelity_map(unmerged.permute(0, 2, 3, 1), merged.permute(0, 2, 3, 1), "NHWC")
+    assert torch.allclose(channels_last, expected, atol=1e-6)
+
+    features = torch.randn(2, 8, 4, 5)
+    assert fidelity_map(features, features).shape == (2, 4, 5)
+    assert torch.allclose(fidelity_map(features, 3 * features), torch.ones(2, 4, 5))
+    assert torch.allclose(fidelity_map(features, -features), -torch.ones(2, 4, 5))
+
+
+def test_logit_metrics_by_hand() -> None:
+    unmerged = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    merged = torch.tensor([[0.3, 0.4, 0.1, 0.2], [0.4, 0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    # Logits are log-probabilities plus any per-row constant: softmax gives the rows back.
+    result = logit_fidelity(unmerged.log() + 5.0, merged.log() - 2.0)
+    assert result["top1_agreement"].tolist() == [0.0, 1.0, 1.0]
+    # KL(p || q) = sum p log(p / q), e.g. row 0: .4 log(4/3) + .3 log(3/4) + .2 log 2 + .1 log(1/2).
+    expected_kl = [0.1 * math.log(8 / 3), 0.2 * math.log(3), 0.0]
+    assert result["kl"].tolist() == pytest.approx(expected_kl, abs=1e-6)
+    # Top-2 sets: {0, 1} vs {0, 1}; {0, 1} vs {0, 3}; {3, 2} vs {3, 2}.
+    assert topk_overlap(unmerged, merged, k=2).tolist() == [1.0, 0.5, 1.0]
+
+
+class _Empty(Dataset):
+    root = "/data/holiday-photos"
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: FidelityEvaluator(max_images=0), ValueError, "max_images=0 must be >= 1"),
+        (lambda: FidelityEvaluator(points_per_side=0), ValueError, "points_per_side=0"),
+        (lambda: FidelityEvaluator(batch_size=0), ValueError, "batch_size=0"),
+        (lambda: FidelityEvaluator(num_workers=-1), ValueError, "num_workers=-1"),
+        (lambda: model_kind(nn.Linear(2, 2)), TypeError, "torch.nn.modules.linear.Linear"),
+        (
+            lambda: FidelityEvaluator().evaluate(build_deit(), None, _Empty()),
+            ValueError,
+            "/data/holiday-photos holds no images",
+        ),
+        (lambda: fidelity_map(torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 4)), ValueError, "one shape"),
+        (lambda: topk_overlap(torch.ones(2, 5), torch.ones(2, 5), k=5), ValueError, r"k=5 must be in \[1, 4\]"),
+    ],
+)
+def test_clear_errors(make: Callable[[], Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_sam_encoder_alone_is_rejected_with_a_hint(tiny_sam: Sam) -> None:
+    with pytest.raises(TypeError, match="ImageEncoderViT.*pass the whole Sam"):
+        FidelityEvaluator().evaluate(tiny_sam.image_encoder, None, _Empty())
