@@ -76,4 +76,9 @@ def eval_transform(model: nn.Module) -> Callable:
     normalise with the ImageNet mean / std. Maps a PIL image to a (3, H, W) float tensor.
     """
     config = resolve_data_config({}, model=model)
+    # A model built at another size (e.g. img_size=64 for a quick run) keeps its pretrained
+    # config's 224: take the size its patch embedding actually expects.
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None and not getattr(model, "dynamic_img_size", False):
+        config["input_size"] = (3, *tuple(size))
     return create_transform(**config)

@@ -72,3 +72,15 @@ def test_eval_transform_is_deits_resize_248_bicubic_crop_224() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     out = transform(Image.fromarray(pixels))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def test_eval_transform_follows_a_model_built_at_another_size():
+    import timm
+    import torch
+    from PIL import Image
+
+    from spatialmerge.data import eval_transform
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=1)
+    out = eval_transform(model)(Image.new("RGB", (100, 80)))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
