@@ -9,6 +9,7 @@ them. ``unpatch`` puts the original class back.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -97,11 +98,39 @@ class PatchState:
         return GridRun(self, target)
 
 
+def keys_from_qkv_output(qkv_out: Tensor, num_heads: int) -> Tensor:
+    """Keys out of a fused qkv projection's output, averaged over heads:
+    (..., 3 * C) -> (..., C // num_heads)."""
+    out = qkv_out.unflatten(-1, (3, num_heads, qkv_out.shape[-1] // (3 * num_heads)))
+    return out[..., 1, :, :].mean(-2)
+
+
 def keys_from_qkv(qkv: nn.Linear, normed: Tensor, num_heads: int) -> Tensor:
     """Keys of a fused qkv projection, averaged over heads: (..., C) -> (..., C // num_heads)."""
-    out = qkv(normed)
-    out = out.unflatten(-1, (3, num_heads, out.shape[-1] // (3 * num_heads)))
-    return out[..., 1, :, :].mean(-2)
+    return keys_from_qkv_output(qkv(normed), num_heads)
+
+
+class MergeClock:
+    """Wall time spent inside merge and recover, for benchmarks. Off by default, and then it
+    costs one attribute check per merge (plain checks, not a context manager, so torch.compile
+    traces through it); when on, CUDA is synchronised so each section is timed on its own."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds = 0.0
+
+    def start(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def stop(self, device: torch.device, started: float) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - started
+
+
+merge_clock = MergeClock()
 
 
 class GridRun:
@@ -129,10 +158,13 @@ class GridRun:
             return grid
         h, w = grid.shape[1:3]
         r_h, r_w = stage.removal((h, w), self.window, self.config.align)
+        started = merge_clock.start(grid.device) if merge_clock.enabled else 0.0
         metric = self._metric(grid, block)
         grid, record = reduce_grid(
             self.config.method, grid, (h - r_h, w - r_w), metric=metric, **self.config.grid_options()
         )
+        if merge_clock.enabled:
+            merge_clock.stop(grid.device, started)
         self.records.append(record)
         return grid
 
@@ -154,8 +186,11 @@ class GridRun:
 
     def recover(self, grid: Tensor) -> Tensor:
         """Undo every merge of this run, latest first: (B, H', W', C) -> (B, H, W, C)."""
+        started = merge_clock.start(grid.device) if merge_clock.enabled else 0.0
         for record in reversed(self.records):
             grid = record.recover(grid)
+        if merge_clock.enabled:
+            merge_clock.stop(grid.device, started)
         return grid
 
     def finish(self) -> None:

@@ -136,7 +136,7 @@ class MergeConfig:
             # A tuple is ToMe's (r, inflection); any other sequence is a per-layer list.
             schedule = r if isinstance(r, (int, tuple)) else [int(v) for v in r]
             parse_r(max(len(schedule), 1) if isinstance(schedule, list) else 2, schedule)
-            return cls(method=method, r=schedule, metric=metric)
+            return cls(method=method, r=schedule, metric=metric, recover=recover)
         if stages:
             parsed = tuple(_as_stage(item) for item in stages)
         elif single:
