@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spatialmerge.merging.cubist import CubistRecord, cubist_merge, cubist_recover
 from spatialmerge.merging.expedite import ExpediteRecord, expedite_cluster, expedite_reconstruct
-from spatialmerge.merging.tome import bipartite_soft_matching, merge_wavg
+from spatialmerge.merging.tome import bipartite_soft_matching, max_r, merge_wavg
 
 GRID_METHODS: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle")
 
@@ -122,18 +122,33 @@ def _from_expedite(rec: ExpediteRecord) -> GridRecord:
 
 
 def _tome_grid(x: Tensor, out_hw: tuple[int, int], metric: Tensor | None) -> tuple[Tensor, GridRecord]:
+    """Single-layer ToMe removing ``H*W - H'*W'`` tokens. One bipartite step removes at most half
+    the tokens, so larger budgets (e.g. 64x64 -> 42x42) repeat the matching on the merged set,
+    carrying sizes so the averages stay size-weighted."""
     b, h, w, c = x.shape
     h2, w2 = out_hw
-    r = h * w - h2 * w2
+    remaining = h * w - h2 * w2
     tokens = x.reshape(b, h * w, c)
     match = tokens if metric is None else metric.reshape(b, h * w, -1)
-    merge, unmerge = bipartite_soft_matching(match, r)
-    merged, _ = merge_wavg(merge, tokens)  # (B, H'*W', C), an unordered set
-    with torch.no_grad():
-        slots = torch.arange(h2 * w2, device=x.device, dtype=torch.float32)
-        assignment = unmerge(slots.expand(b, -1).unsqueeze(-1)).squeeze(-1).round().long()
+    size: Tensor | None = None
+    unmerges = []
+    while remaining > 0:
+        step = min(remaining, max_r(tokens.shape[1]))
+        merge, unmerge = bipartite_soft_matching(match, step)
+        merged, new_size = merge_wavg(merge, tokens, size)  # an unordered set
+        match = merged if metric is None else merge_wavg(merge, match, size)[0]
+        tokens, size = merged, new_size
+        unmerges.append(unmerge)
+        remaining -= step
 
     def restore(t: Tensor) -> Tensor:
-        return unmerge(t.reshape(b, h2 * w2, -1)).reshape(b, h, w, -1)
+        t = t.reshape(b, h2 * w2, -1)
+        for unmerge in reversed(unmerges):
+            t = unmerge(t)
+        return t.reshape(b, h, w, -1)
 
-    return merged.reshape(b, h2, w2, c), GridRecord("tome", (h, w), (h2, w2), assignment, restore)
+    with torch.no_grad():
+        slots = torch.arange(h2 * w2, device=x.device, dtype=torch.float32)
+        assignment = restore(slots.expand(b, -1).unsqueeze(-1).reshape(b, h2, w2, 1))
+        assignment = assignment.reshape(b, h * w).round().long()
+    return tokens.reshape(b, h2, w2, c), GridRecord("tome", (h, w), (h2, w2), assignment, restore)

@@ -1,0 +1,63 @@
+"""Benchmark merge schedules against their zero-cost limit (no weights needed).
+
+    python scripts/benchmark.py                          # SAM-B, DeiT-B, DINOv3-B on CPU, fp32
+    python scripts/benchmark.py --suites sam_b --iters 5
+    python scripts/benchmark.py --device cuda --dtype fp16
+    python scripts/benchmark.py --tiny --iters 1         # tiny models: checks the script runs
+
+Prints a markdown table and writes it, with the setup, to --out (JSON).
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from spatialmerge.evaluators.benchmark import default_suites, format_rows, run_suite
+from spatialmerge.results import environment, write_json_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suites", default="sam_b,deit_b,dinov3_b", help="comma-separated: sam_b, deit_b, dinov3_b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3, help="timed rounds; the median is reported")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every suite's batch size")
+    parser.add_argument("--tiny", action="store_true", help="tiny random architectures (seconds, for checks)")
+    parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
+    args = parser.parse_args()
+
+    suites = default_suites(tiny=args.tiny, batch_size=args.batch_size)
+    chosen = [name.strip() for name in args.suites.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(suites))
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(suites)}")
+    rows = []
+    for name in chosen:
+        print(f"benchmarking {name} ...", flush=True)
+        rows.extend(run_suite(suites[name], args.device, args.dtype, args.warmup, args.iters))
+    table = format_rows(rows)
+    setup = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "command": "python scripts/benchmark.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out"
+        ),
+        "device": args.device,
+        "dtype": args.dtype,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "tiny": args.tiny,
+    }
+    write_json_atomic(args.out, {"setup": setup, "environment": environment(args.device), "rows": rows})
+    print(table)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

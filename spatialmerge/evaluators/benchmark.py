@@ -1,0 +1,187 @@
+"""The performance benchmark: merge schedules against their zero-cost limit.
+
+For every schedule the same schedule also runs with the ``oracle`` method (slice to the reduced
+grid, recover by nearest upsampling), whose speed-up is what the schedule could give if merging
+cost nothing. Efficiency = measured speed-up / oracle speed-up. Everything is timed in one
+process by ``ThroughputEvaluator`` (alternating variants, medians).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import spatialmerge
+from spatialmerge.adapters.base import merge_clock
+from spatialmerge.evaluators.throughput import ThroughputEvaluator, input_size, timed_module
+from spatialmerge.models import build_model
+
+# Tiny architectures for a quick end-to-end check of the script (and its tests).
+TINY = {
+    "sam": {"image_size": 128, "depth": 4, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1, 3), "window_size": 4},
+    "vit": {"img_size": 64, "depth": 4, "embed_dim": 32, "num_heads": 2},
+}
+
+
+@dataclass
+class Suite:
+    """One model and the schedules timed on it.
+
+    Attributes:
+        model: registry name for ``build_model``.
+        batch_size: images per forward.
+        schedules: variant name -> ``patch`` kwargs.
+        oracle: variant name -> name of the oracle variant of the same schedule.
+        overrides: architecture overrides (tiny runs).
+    """
+
+    model: str
+    batch_size: int
+    schedules: dict[str, dict[str, Any]]
+    oracle: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def default_suites(tiny: bool = False, batch_size: int | None = None) -> dict[str, Suite]:
+    """The issue's settings: SAM-B 1024 batch 1; DeiT-B 224 batch 32; DINOv3-B 224 batch 32."""
+    sam_depth = TINY["sam"]["depth"] if tiny else 12
+    vit_depth = TINY["vit"]["depth"] if tiny else 12
+    # 64 -> 56 is ratio 0.125 and 64 -> 42 is 22/64; the same ratios shrink a tiny grid alike.
+    sam_budgets = {"56": 0.125, "42": 22 / 64}
+    sam: dict[str, dict[str, Any]] = {}
+    sam_oracle: dict[str, str] = {}
+    for side, loc in (("56", sam_depth // 4), ("56", sam_depth // 2), ("42", sam_depth // 4)):
+        key = f"{side}@{loc}"
+        sam[f"oracle {key}"] = dict(method="oracle", loc=loc, ratio=sam_budgets[side])
+        for method in ("cubist", "tome", "expedite"):
+            sam[f"{method} {key}"] = dict(method=method, loc=loc, ratio=sam_budgets[side])
+            sam_oracle[f"{method} {key}"] = f"oracle {key}"
+    deit: dict[str, dict[str, Any]] = {}
+    deit_oracle: dict[str, str] = {}
+    for r in (1, 2):
+        deit[f"oracle r={r}"] = dict(method="oracle", loc=1, r_h=r, r_w=r)
+        deit[f"cubist r={r}"] = dict(method="cubist", loc=1, r_h=r, r_w=r)
+        deit_oracle[f"cubist r={r}"] = f"oracle r={r}"
+    for r in (6, 9) if not tiny else (1, 2):
+        deit[f"tome r={r}"] = dict(method="tome", r=r)
+    dino: dict[str, dict[str, Any]] = {}
+    dino_oracle: dict[str, str] = {}
+    for ratio in (0.1, 0.2):
+        dino[f"oracle {ratio}"] = dict(method="oracle", loc=vit_depth // 2, ratio=ratio)
+        dino[f"cubist {ratio}"] = dict(method="cubist", loc=vit_depth // 2, ratio=ratio)
+        dino_oracle[f"cubist {ratio}"] = f"oracle {ratio}"
+    return {
+        "sam_b": Suite("sam_b", batch_size or 1, sam, sam_oracle, dict(TINY["sam"]) if tiny else {}),
+        "deit_b": Suite("deit_b", batch_size or (4 if tiny else 32), deit, deit_oracle, dict(TINY["vit"]) if tiny else {}),
+        "dinov3_b": Suite(
+            "dinov3_b", batch_size or (4 if tiny else 32), dino, dino_oracle,
+            {**TINY["vit"], "img_size": 64} if tiny else {"img_size": 224},
+        ),
+    }
+
+
+def _merge_share(module: nn.Module, x: torch.Tensor) -> float:
+    """Share of one forward's wall time spent inside merge + recover."""
+    merge_clock.enabled, merge_clock.seconds = True, 0.0
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            module(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            total = time.perf_counter() - start
+        return merge_clock.seconds / total
+    finally:
+        merge_clock.enabled = False
+
+
+def _rss_peak_mb(module: nn.Module, x: torch.Tensor) -> float | None:
+    """Linux: the resident-memory high-water mark one forward adds over the memory held before
+    it (resetting the mark through /proc/self/clear_refs). Approximate: the allocator may keep
+    freed memory, which is why CUDA runs report the allocator's exact peak instead."""
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    if not status.exists():
+        return None
+
+    def field_kb(name: str) -> int:
+        line = next(line for line in status.read_text().splitlines() if line.startswith(name))
+        return int(line.split()[1])
+
+    try:
+        clear.write_text("5")
+    except OSError:
+        return None
+    before = field_kb("VmRSS:")
+    with torch.inference_mode():
+        module(x)
+    return (field_kb("VmHWM:") - before) / 1024
+
+
+def run_suite(
+    suite: Suite,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 1,
+    iters: int = 3,
+) -> list[dict[str, Any]]:
+    """Time one suite; return one row per variant with every benchmark column."""
+    model = build_model(suite.model, **suite.overrides)
+    evaluator = ThroughputEvaluator(batch_size=suite.batch_size, warmup=warmup, iters=iters, dtype=dtype)
+    timings = evaluator.evaluate(model, suite.schedules, device)
+    channels, h, w = input_size(model)
+    x = torch.randn(suite.batch_size, channels, h, w, device=device)
+    rows = []
+    for name in ["baseline", *suite.schedules]:
+        timing = timings[name]
+        variant = copy.deepcopy(model).to(device)
+        if name != "baseline":
+            spatialmerge.patch(variant, **suite.schedules[name])
+        module = timed_module(variant)
+        oracle = suite.oracle.get(name)
+        oracle_speedup = timings[oracle]["speedup"] if oracle else None
+        rows.append(
+            {
+                "suite": suite.model,
+                "variant": name,
+                "tokens": timing["tokens"],
+                "gflops": timing["gflops"],
+                "img_s": timing["img_s"],
+                "speedup": timing["speedup"],
+                "flop_speedup": timing["flop_speedup"],
+                "oracle_speedup": oracle_speedup,
+                "efficiency": timing["speedup"] / oracle_speedup if oracle_speedup else None,
+                # Per-layer ToMe merges inside every block, outside the grid runtime's clock.
+                "merge_share": None
+                if name == "baseline" or "r" in suite.schedules[name]
+                else _merge_share(module, x),
+                "peak_memory_mb": timing["peak_memory_mb"]
+                if torch.device(device).type == "cuda"
+                else _rss_peak_mb(module, x),
+            }
+        )
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of benchmark rows."""
+    header = "| model | variant | tokens | GFLOPs | img/s | speed-up | FLOP-ideal | oracle | efficiency | merge+recover | peak MB |"
+    lines = [header, "|" + "---|" * 11]
+
+    def fmt(value: Any, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    for row in rows:
+        lines.append(
+            f"| {row['suite']} | {row['variant']} | {fmt(row['tokens'], 'd')} | {row['gflops']:.1f} | "
+            f"{row['img_s']:.2f} | {row['speedup']:.2f}x | {row['flop_speedup']:.2f}x | "
+            f"{fmt(row['oracle_speedup'], '.2f', 'x')} | {fmt(row['efficiency'], '.3f')} | "
+            f"{fmt(None if row['merge_share'] is None else 100 * row['merge_share'], '.2f', '%')} | "
+            f"{fmt(row['peak_memory_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""scripts/benchmark.py runs end to end on tiny models and writes its JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_script_writes_every_column(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--iters", "1", "--warmup", "0", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    rows = {(row["suite"], row["variant"]): row for row in payload["rows"]}
+    assert {suite for suite, _ in rows} == {"sam_b", "deit_b", "dinov3_b"}
+    cubist = rows[("sam_b", "cubist 56@1")]
+    oracle = rows[("sam_b", "oracle 56@1")]
+    assert cubist["tokens"] == oracle["tokens"] == 49  # 8x8 -> 7x7 at ratio 0.125
+    assert cubist["oracle_speedup"] == oracle["speedup"]
+    assert abs(cubist["efficiency"] - cubist["speedup"] / oracle["speedup"]) < 1e-9
+    assert 0 < cubist["merge_share"] < 1
+    assert rows[("sam_b", "tome 42@1")]["tokens"] == 25, "single-layer ToMe repeats matching past N/2"
+    assert rows[("deit_b", "tome r=2")]["merge_share"] is None
+    assert "| sam_b | cubist 56@1 |" in done.stdout
+    assert payload["setup"]["command"].startswith("python scripts/benchmark.py")
