@@ -9,7 +9,6 @@ Prints a markdown table and writes it, with the setup, to --out (JSON).
 """
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
