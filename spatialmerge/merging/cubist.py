@@ -73,42 +73,188 @@ def _check_r(r: int, n: int, axis: str) -> None:
         )
 
 
-def _max_magnitude(current: Tensor, candidate: Tensor, take: Tensor) -> Tensor:
-    """Per channel, replace ``current`` by ``candidate`` where ``take`` and it is strictly larger
-    in magnitude. Strictness is what gives ties to the value already held."""
+def _take_larger_magnitude(current: Tensor, candidate: Tensor, take: Tensor) -> Tensor:
+    """Per channel, ``candidate`` where ``take`` and it is strictly larger in magnitude, else
+    ``current``. Strictness is what gives ties to the value already held."""
     wins = take.unsqueeze(-1) & (candidate.abs() > current.abs())
     return torch.where(wins, candidate, current)
 
 
-def _max_norm(current: Tensor, candidate: Tensor, take: Tensor) -> Tensor:
-    """Keep the whole token with the larger L2 norm; ties keep the token already held."""
+def _take_larger_norm(current: Tensor, candidate: Tensor, take: Tensor) -> Tensor:
+    """The whole token with the larger L2 norm; ties keep the token already held."""
     wins = take & (candidate.float().norm(dim=-1) > current.float().norm(dim=-1))
     return torch.where(wins.unsqueeze(-1), candidate, current)
 
 
-def _shift_right(t: Tensor, length: int, fill: float | bool) -> Tensor:
-    """(..., n) -> (..., length) with ``t[k]`` at ``k + 1``: odd slot k's value seen from even
-    slot k + 1, whose left neighbour it is."""
-    pad = length - t.shape[-1] - 1
-    return F.pad(t, (1, pad), value=fill)
+def _neighbour_similarity(x: Tensor, axis: int) -> Tensor:
+    """Cosine of every token with its next neighbour along ``axis`` of a (B, H, W, C) grid:
+    (B, H - 1, W) for axis 1, (B, H, W - 1) for axis 2. Computed as dot / (norm * norm), so no
+    normalised copy of the whole grid is made."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    n = x.shape[axis]
+    norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)  # (B, H, W)
+    dots = (x.narrow(axis, 0, n - 1) * x.narrow(axis, 1, n - 1)).sum(-1)
+    return dots / (norms.narrow(axis, 0, n - 1) * norms.narrow(axis, 1, n - 1))
 
 
-def _shift_right_tokens(t: Tensor, length: int) -> Tensor:
-    # (..., n_odd, C) -> (..., length, C) with t[k] at k + 1 and zeros elsewhere
-    pad = length - t.shape[-2] - 1
-    return F.pad(t, (0, 0, 1, pad))
+@dataclass(frozen=True)
+class _Plan:
+    """Which tokens one pass removes, in the pass's own layout (B, L, N): L independent
+    sequences of length N (rows for the row pass, columns for the column pass)."""
+
+    keep: Tensor  # (B, L, N - r) kept positions, in order
+    source: Tensor  # (B, L, r) removed positions, ascending
+    destination: Tensor  # (B, L, r) the even neighbour each one merges into
+    slot: Tensor  # (B, L, r) the destination's position among the kept tokens
+    merges: Tensor  # (B, L, r) bool, whether the source contributes (reference collisions)
+    shared: Tensor  # (B, L, r - 1) bool, sources j and j + 1 share a destination
+    index: Tensor  # (B, L, N) position among the kept tokens of the token holding each one
 
 
-def _pad_tokens(t: Tensor, length: int) -> Tensor:
-    # (..., n, C) -> (..., length, C) padded with zeros at the end
-    return F.pad(t, (0, 0, 0, length - t.shape[-2]))
+def _plan(sim: Tensor, r: int, collisions: str) -> _Plan:
+    """Localized matching on similarities ``sim`` (B, L, N - 1) between neighbours."""
+    n = sim.shape[-1] + 1
+    n_odd = n // 2
+    positions = torch.arange(n, device=sim.device)
+    left = sim[..., 0::2][..., :n_odd]  # odd token 2k+1 vs its left neighbour 2k
+    right = sim[..., 1::2]  # odd token 2k+1 vs 2k+2; missing for a last odd token
+    right = F.pad(right, (0, n_odd - right.shape[-1]), value=float("-inf"))
+    goes_right = right > left  # ties go left
+    score = torch.maximum(left, right)  # (B, L, n_odd)
+    # A stable sort makes equal scores pick the leftmost token on every device.
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    chosen = order[..., :r].sort(dim=-1).values  # (B, L, r) odd slots, left to right
+    source = 2 * chosen + 1
+    destination = 2 * (chosen + goes_right.gather(-1, chosen))
+    # Two sources share a destination only as neighbours in `chosen`: the left one going right,
+    # the right one going left.
+    shared = destination[..., 1:] == destination[..., :-1]
+    merges = torch.ones_like(chosen, dtype=torch.bool)
+    if collisions == "reference":
+        # The reference scatters even-ranked then odd-ranked sources into the destinations,
+        # each as max-magnitude against the *original* destination, so the second write wins:
+        # the odd-ranked source, or among equal parities the later-ranked one.
+        rank = torch.empty_like(order).scatter_(-1, order, positions[:n_odd].expand_as(order))
+        rank = rank.gather(-1, chosen)
+        key = (rank % 2) * n + rank  # larger key = written later
+        left_loses = shared & (key[..., 1:] > key[..., :-1])
+        right_loses = shared & (key[..., :-1] > key[..., 1:])
+        merges = merges & ~F.pad(left_loses, (0, 1)) & ~F.pad(right_loses, (1, 0))
+    kept = torch.ones(sim.shape[:-1] + (n,), dtype=torch.bool, device=sim.device)
+    kept.scatter_(-1, source, False)
+    new_position = kept.long().cumsum(-1) - 1  # (B, L, N)
+    holder = positions.expand_as(new_position).scatter(-1, source, destination)
+    # Stable sort of the removed flags lists the kept positions first, in their order.
+    keep = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., : n - r]
+    return _Plan(
+        keep=keep,
+        source=source,
+        destination=destination,
+        slot=new_position.gather(-1, destination),
+        merges=merges,
+        shared=shared,
+        index=new_position.gather(-1, holder),
+    )
 
 
-def _interleave(even: Tensor, odd: Tensor) -> Tensor:
-    """(..., ceil(N/2), C) and (..., floor(N/2), C) -> (..., N, C) with even/odd positions."""
-    n = even.shape[-2] + odd.shape[-2]
-    pairs = torch.stack((even, _pad_tokens(odd, even.shape[-2])), dim=-2)  # (..., ceil, 2, C)
-    return pairs.flatten(-3, -2)[..., :n, :]
+def _combine(src: Tensor, dst: Tensor, plan: _Plan, reduce: str, w_src: Tensor | None, w_dst: Tensor | None) -> Tensor:
+    """(B, L, r, C) sources and destinations -> each destination combined with all its sources,
+    one row per source (a shared destination appears twice with the same value)."""
+    shared, merges = plan.shared, plan.merges
+    if reduce == "mean":
+        assert w_src is not None and w_dst is not None
+        w_src = (w_src * merges).unsqueeze(-1).to(src.dtype)
+        w_dst = w_dst.unsqueeze(-1).to(src.dtype)
+        weighted, weight = dst * w_dst + src * w_src, w_dst + w_src
+        both = (weighted[..., :-1, :] + src[..., 1:, :] * w_src[..., 1:, :]) / (
+            weight[..., :-1, :] + w_src[..., 1:, :]
+        )
+        first = weighted / weight
+    else:
+        take = _take_larger_magnitude if reduce == "maxmag" else _take_larger_norm
+        first = take(dst, src, merges)  # each destination with its own source
+        # A shared destination took its left source first; now the right one.
+        both = take(first[..., :-1, :], src[..., 1:, :], shared & merges[..., 1:])
+    # The right row of a pair writes the same slot again: detached, so that slot's gradient
+    # reaches the merged value once.
+    pair_left = F.pad(shared, (0, 1)).unsqueeze(-1)
+    pair_right = F.pad(shared, (1, 0)).unsqueeze(-1)
+    merged = torch.where(pair_right, F.pad(both, (0, 0, 1, 0)).detach(), first)
+    return torch.where(pair_left, F.pad(both, (0, 0, 0, 1)), merged)
+
+
+def _to_pass_layout(t: Tensor, axis: int) -> Tensor:
+    """(B, H, W) -> (B, L, N) with the merged axis last."""
+    return t.transpose(1, 2) if axis == 1 else t
+
+
+def _from_pass_layout(t: Tensor, axis: int) -> Tensor:
+    return t.transpose(1, 2) if axis == 1 else t
+
+
+def _merge_axis(
+    x: Tensor,
+    r: int,
+    axis: int,
+    metric: Tensor | None,
+    size: Tensor | None,
+    reduce: str,
+    collisions: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """One pass over a (B, H, W, C) grid: remove ``r`` tokens from every column (axis 1) or
+    every row (axis 2). Tokens move as whole rows of a (B * H * W, C) view (``index_select``),
+    and the output comes out directly in (B, H', W', C) order: no layout copies.
+
+    Returns y, the reduced metric (or None), the reduced sizes (or None) and the pass's index
+    (B, L, N) in pass layout.
+    """
+    b, h, w, _ = x.shape
+    other = x.shape[3 - axis]
+    with torch.no_grad():
+        sim = _neighbour_similarity(x if metric is None else metric, axis)
+        plan = _plan(_to_pass_layout(sim, axis), r, collisions)
+        lines = torch.arange(b * other, device=x.device).view(b, other, 1)  # (B, L, 1)
+
+        def flat_in(pos: Tensor) -> Tensor:
+            """Pass-layout positions (B, L, k) -> rows of the input's (B*H*W, C) view."""
+            if axis == 2:
+                return lines * w + pos
+            return ((lines // w) * h + pos) * w + lines % w
+
+        out_h, out_w = (h - r, w) if axis == 1 else (h, w - r)
+        keep_rows = _from_pass_layout(flat_in(plan.keep), axis).reshape(-1)  # output order
+
+        def flat_out(pos: Tensor) -> Tensor:
+            """Pass-layout positions among the kept tokens -> rows of the output's view."""
+            if axis == 2:
+                return lines * out_w + pos
+            return ((lines // w) * out_h + pos) * out_w + lines % w
+
+        src_rows, dst_rows = flat_in(plan.source).reshape(-1), flat_in(plan.destination).reshape(-1)
+        slot_rows = flat_out(plan.slot).reshape(-1)
+        sizes = None if size is None else _to_pass_layout(size, axis)
+
+    def reduce_pass(t: Tensor) -> Tensor:
+        rows = t.reshape(b * h * w, t.shape[-1])
+        y = rows.index_select(0, keep_rows)  # the survivors, already in output order
+        shape = plan.source.shape + (t.shape[-1],)
+        merged = _combine(
+            rows.index_select(0, src_rows).view(shape),
+            rows.index_select(0, dst_rows).view(shape),
+            plan,
+            reduce,
+            None if sizes is None else sizes.gather(-1, plan.source),
+            None if sizes is None else sizes.gather(-1, plan.destination),
+        )
+        return y.index_copy_(0, slot_rows, merged.reshape(-1, t.shape[-1])).view(b, out_h, out_w, -1)
+
+    y = reduce_pass(x.contiguous())
+    new_metric = None if metric is None else reduce_pass(metric.contiguous())
+    new_size = None
+    if sizes is not None:
+        gained = (sizes.gather(-1, plan.source) * plan.merges).to(sizes.dtype)
+        new_size = _from_pass_layout(sizes.gather(-1, plan.keep).scatter_add(-1, plan.slot, gained), axis)
+    return y, new_metric, new_size, plan.index
 
 
 def merge_1d(
@@ -138,85 +284,28 @@ def merge_1d(
     """
     n = x.shape[-2]
     _check_r(r, n, "r")
-    positions = torch.arange(n, device=x.device)
-    if r == 0:
-        return x, metric, size, positions.expand(x.shape[:-1])
-    n_odd, n_even = n // 2, (n + 1) // 2
-
-    with torch.no_grad():
-        m = F.normalize((x if metric is None else metric).float(), dim=-1)
-        sim = (m[..., :-1, :] * m[..., 1:, :]).sum(-1)  # (..., N - 1): sim[i] = cos(t_i, t_i+1)
-        left = sim[..., 0::2][..., :n_odd]  # odd token 2k+1 vs its left neighbour 2k
-        right = sim[..., 1::2]  # odd token 2k+1 vs 2k+2; missing for a last odd token
-        right = F.pad(right, (0, n_odd - right.shape[-1]), value=float("-inf"))
-        goes_right = right > left  # ties go left
-        score = torch.maximum(left, right)  # (..., n_odd)
-        # A stable sort makes equal scores pick the leftmost token on every device.
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-        chosen = order[..., :r]  # (..., r) odd-slot indices
-        removed = torch.zeros_like(goes_right).scatter_(-1, chosen, True)  # (..., n_odd)
-
-        from_left = _shift_right(removed & goes_right, n_even, False)  # even e <- odd e-1
-        from_right = F.pad(removed & ~goes_right, (0, n_even - n_odd), value=False)  # e <- odd e
-        if collisions == "reference":
-            # The reference scatters even-ranked then odd-ranked sources into the destinations,
-            # each as max-magnitude against the *original* destination, so the second write wins:
-            # the odd-ranked source, or among equal parities the later-ranked one.
-            rank = torch.empty_like(order).scatter_(-1, order, positions[:n_odd].expand_as(order))
-            key = (rank % 2) * n + rank  # larger key = written later
-            left_key = _shift_right(key, n_even, -1)
-            right_key = F.pad(key, (0, n_even - n_odd), value=-1)
-            both = from_left & from_right
-            from_left = from_left & ~(both & (right_key > left_key))
-            from_right = from_right & ~(both & (left_key > right_key))
-
-        kept = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-        kept[..., 1::2] = ~removed
-        new_position = kept.long().cumsum(-1) - 1  # (..., N)
-        destination = positions.expand_as(new_position).clone()
-        odd_positions = destination[..., 1::2]
-        destination[..., 1::2] = torch.where(removed, odd_positions - 1 + 2 * goes_right, odd_positions)
-        index = new_position.gather(-1, destination)  # (..., N)
-        # Stable sort of the removed flags lists the kept positions first, in their order.
-        keep_index = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., : n - r]
-
-    def reduce_pass(t: Tensor, t_size: Tensor | None) -> Tensor:
-        even, odd = t[..., 0::2, :], t[..., 1::2, :]
-        left_src, right_src = _shift_right_tokens(odd, n_even), _pad_tokens(odd, n_even)
-        if reduce == "maxmag":
-            merged = _max_magnitude(even, left_src, from_left)
-            merged = _max_magnitude(merged, right_src, from_right)
-        elif reduce == "maxnorm":
-            merged = _max_norm(even, left_src, from_left)
-            merged = _max_norm(merged, right_src, from_right)
-        else:
-            assert t_size is not None
-            s_even, s_odd = t_size[..., 0::2], t_size[..., 1::2]
-            s_left = _shift_right(s_odd, n_even, 0.0) * from_left
-            s_right = F.pad(s_odd, (0, n_even - n_odd)) * from_right
-            total = (s_even + s_left + s_right).unsqueeze(-1).to(t.dtype)
-            merged = (
-                even * s_even.unsqueeze(-1).to(t.dtype)
-                + left_src * s_left.unsqueeze(-1).to(t.dtype)
-                + right_src * s_right.unsqueeze(-1).to(t.dtype)
-            ) / total
-        full = _interleave(merged, odd)  # (..., N, C)
-        return full.gather(-2, keep_index.unsqueeze(-1).expand(*keep_index.shape, t.shape[-1]))
-
     _check_rule("reduce", reduce, REDUCE_RULES)
     _check_rule("collisions", collisions, COLLISION_RULES)
+    lead = x.shape[:-2]
+    if r == 0:
+        return x, metric, size, torch.arange(n, device=x.device).expand(*lead, n)
     if reduce == "mean" and size is None:
         size = torch.ones(x.shape[:-1], device=x.device)
-    y = reduce_pass(x, size)
-    new_metric = None if metric is None else reduce_pass(metric, size)
-    new_size = None
-    if size is not None:
-        s_even = size[..., 0::2]
-        s_even = s_even + _shift_right(size[..., 1::2], n_even, 0.0) * from_left
-        s_even = s_even + F.pad(size[..., 1::2], (0, n_even - n_odd)) * from_right
-        s_full = _interleave(s_even.unsqueeze(-1), size[..., 1::2].unsqueeze(-1)).squeeze(-1)
-        new_size = s_full.gather(-1, keep_index)
-    return y, new_metric, new_size, index
+
+    def as_grid(t: Tensor | None, channels: bool = True) -> Tensor | None:
+        if t is None:
+            return None
+        return t.reshape(-1, 1, n, t.shape[-1]) if channels else t.reshape(-1, 1, n)
+
+    y, new_metric, new_size, index = _merge_axis(
+        as_grid(x), r, 2, as_grid(metric), as_grid(size, channels=False), reduce, collisions
+    )
+    return (
+        y.view(*lead, n - r, x.shape[-1]),
+        None if new_metric is None else new_metric.view(*lead, n - r, -1),
+        None if new_size is None else new_size.view(*lead, n - r),
+        index.view(*lead, n),
+    )
 
 
 def cubist_merge(
@@ -257,23 +346,18 @@ def cubist_merge(
         index = torch.arange(h * w, device=x.device).expand(b, h * w)
         return x, CubistRecord(index, (h, w), (h, w))
     w2, h2 = w - r_w, h - r_h
-    # Row pass: every row (B, H) is a sequence along W.
-    y, metric, size, row_index = merge_1d(x, r_w, metric, size, reduce, collisions)  # (B, H, W', C)
-    # Column pass on a transposed view, so nothing is copied just to change the layout.
-    y, _, _, col_index = merge_1d(
-        y.transpose(1, 2),
-        r_h,
-        None if metric is None else metric.transpose(1, 2),
-        None if size is None else size.transpose(1, 2),
-        reduce,
-        collisions,
-    )  # (B, W', H', C)
-    y = y.transpose(1, 2).contiguous()  # (B, H', W', C)
+    if reduce == "mean" and size is None:
+        size = torch.ones(b, h, w, device=x.device)
+    w_slot = torch.arange(w, device=x.device).expand(b, h, w)  # (B, H, W)
+    if r_w:  # row pass: every row is a sequence along W
+        x, metric, size, w_slot = _merge_axis(x, r_w, 2, metric, size, reduce, collisions)
+    h_slot = torch.arange(h, device=x.device).expand(b, w2, h)  # (B, W', H)
+    if r_h:  # column pass on the row-merged grid: every column is a sequence along H
+        x, _, _, h_slot = _merge_axis(x, r_h, 1, metric, size, reduce, collisions)
     # Compose both passes into one flat map: cell (h, w) -> row slot w', then column slot h'.
-    w_slot = row_index  # (B, H, W)
-    h_slot = col_index.transpose(1, 2).gather(2, w_slot)  # (B, H, W)
-    index = (h_slot * w2 + w_slot).reshape(b, h * w)
-    return y, CubistRecord(index, (h, w), (h2, w2))
+    h_of_cell = h_slot.transpose(1, 2).gather(2, w_slot)  # (B, H, W)
+    index = (h_of_cell * w2 + w_slot).reshape(b, h * w)
+    return x, CubistRecord(index, (h, w), (h2, w2))
 
 
 def cubist_recover(y: Tensor, record: CubistRecord) -> Tensor:
@@ -296,8 +380,10 @@ def cubist_recover(y: Tensor, record: CubistRecord) -> Tensor:
     h, w = record.in_hw
     if (h, w) == (h2, w2):
         return y
-    flat = y.reshape(b, h2 * w2, c)
-    return flat.gather(1, record.index.unsqueeze(-1).expand(b, h * w, c)).view(b, h, w, c)
+    # Whole token rows of a (B * H' * W', C) view: a row copy per cell, no per-element indexing.
+    offsets = torch.arange(b, device=y.device).unsqueeze(1) * (h2 * w2)
+    rows = (record.index + offsets).reshape(-1)
+    return y.reshape(b * h2 * w2, c).index_select(0, rows).view(b, h, w, c)
 
 
 def ratio_to_r(hw: tuple[int, int], ratio: float) -> tuple[int, int]:
