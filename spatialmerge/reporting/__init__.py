@@ -1,0 +1,24 @@
+"""Turning runs into something to read: sweep tables, Pareto plots and pictures of merges."""
+
+from spatialmerge.reporting.pareto import pareto_front, plot_pareto
+from spatialmerge.reporting.table import (
+    COLUMNS,
+    accuracy,
+    build_rows,
+    collect_results,
+    markdown_table,
+    schedule_text,
+    write_report,
+)
+
+__all__ = [
+    "COLUMNS",
+    "accuracy",
+    "build_rows",
+    "collect_results",
+    "markdown_table",
+    "pareto_front",
+    "plot_pareto",
+    "schedule_text",
+    "write_report",
+]

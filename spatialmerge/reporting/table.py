@@ -1,0 +1,364 @@
+"""A sweep's results.json files -> one comparison table (report.md, report.csv).
+
+Every job appears as a row, failed ones included (with their error), and so do jobs that were
+killed before writing results.json (a run directory with ``.hydra/config.yaml`` only): a table
+that silently loses jobs would make a sweep look better than it was.
+
+Rows of the same model, evaluator settings, dataset and device form a *group*; each group has one
+unmerged reference. Accuracy deltas are taken against a ``merge=none`` job of the group; speed-ups
+are the throughput evaluator's own, measured against the unmerged model in the same process.
+Without a ``merge=none`` job the group gets a reference row built from those in-process
+baselines (speed only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from spatialmerge.results import RESULTS_FILE
+
+# (key, markdown header); report.csv uses the keys as its header.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("status", "status"),
+    ("model", "model"),
+    ("method", "method"),
+    ("schedule", "schedule"),
+    ("out_grid", "out grid"),
+    ("tokens", "tokens"),
+    ("kept_pct", "kept"),
+    ("gflops", "GFLOPs"),
+    ("img_s", "img/s"),
+    ("speedup", "speed-up"),
+    ("flop_speedup", "FLOP-ideal"),
+    ("metric", "metric"),
+    ("value", "value"),
+    ("delta", "Δ vs none"),
+    ("run", "run"),
+    ("error", "error"),
+)
+COLUMN_KEYS: tuple[str, ...] = tuple(key for key, _ in COLUMNS)
+
+# Which number stands for accuracy, best first: the task metric, else label-free fidelity.
+ACCURACY_METRICS: tuple[tuple[str, str], ...] = (
+    ("miou", "miou"),
+    ("top1", "top1"),
+    ("fidelity", "mask_iou"),
+    ("fidelity", "top1_agreement"),
+    ("fidelity", "feature_cosine"),
+)
+BASELINE_METHOD = "none"
+IN_PROCESS_BASELINE = "baseline (in-process)"
+STATUS_NO_RESULTS = "no results"
+_METHOD_ORDER = {BASELINE_METHOD: 0, IN_PROCESS_BASELINE: 0, "cubist": 1, "tome": 2, "expedite": 3, "oracle": 4}
+_MD_ERROR_CHARS = 90
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key that puts job 10 after job 9."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def collect_results(dirs: Path | str | Iterable[Path | str]) -> list[dict[str, Any]]:
+    """Every results.json below ``dirs``, in natural path order, each with ``_run`` (its run
+    directory, relative to the directory it was found under).
+
+    A run directory holding ``.hydra/config.yaml`` but no results.json (a job killed before it
+    could record anything) yields ``{"status": "no results", "config": ...}``; an unreadable
+    results.json yields a failed entry naming the file.
+    """
+    roots = [Path(dirs)] if isinstance(dirs, (str, Path)) else [Path(d) for d in dirs]
+    found: list[dict[str, Any]] = []
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory; pass a run or sweep directory of eval.py")
+        run_dirs = {p.parent for p in root.rglob(RESULTS_FILE)}
+        run_dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+        for run_dir in sorted(run_dirs, key=_natural_key):
+            label = str(run_dir.relative_to(root)) if run_dir != root else root.name
+            found.append({**_read_run(run_dir), "_run": label})
+    return found
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RESULTS_FILE
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            return {"status": "failed", "error": f"unreadable {path}: {err}", "config": {}}
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:
+        # Resolved like results.json's config, so the job lands in the same group as its siblings.
+        container = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException:  # an interpolation that only the job's environment could resolve
+        container = OmegaConf.to_container(config, resolve=False)
+    return {
+        "status": STATUS_NO_RESULTS,
+        "error": "the job wrote no results.json (killed, out of memory or still running?)",
+        "config": container,
+    }
+
+
+def accuracy(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(name, value) of the accuracy-like number in a run's metrics, or None (speed only)."""
+    for evaluator, key in ACCURACY_METRICS:
+        value = metrics.get(evaluator, {}).get(key)
+        if isinstance(value, (int, float)):
+            return (evaluator if evaluator == key else f"{evaluator}/{key}"), float(value)
+    return None
+
+
+def schedule_text(merge: Mapping[str, Any] | None) -> str:
+    """A merge request in a few characters: ``loc=3 ratio=0.125``, ``loc=1 r=2x2``, ``r=8/layer``.
+
+    Takes resolved ``patch`` kwargs or a raw ``merge`` config (same precedence as
+    ``pipeline.merge_options``: r > stages > r_h/r_w > ratio; ``loc: null`` shows as auto).
+    """
+    if not merge or merge.get("method", BASELINE_METHOD) == BASELINE_METHOD:
+        return "-"
+    if merge.get("r") is not None:
+        return f"r={merge['r']}/layer"
+    if merge.get("stages"):
+        return "stages=" + json.dumps(merge["stages"], separators=(",", ":"))
+    loc = "auto" if merge.get("loc") is None else merge["loc"]
+    if merge.get("r_h") is not None or merge.get("r_w") is not None:
+        text = f"loc={loc} r={merge.get('r_h')}x{merge.get('r_w')}"
+    else:
+        text = f"loc={loc} ratio={merge.get('ratio')}"
+    return text + (" window" if merge.get("align") == "window" else "")
+
+
+def _out_grid(merge: Mapping[str, Any] | None, tokens: int | None, base_tokens: int | None) -> str:
+    """H'xW' of the merged grid, inferred from the token counts (results.json records counts);
+    blank where they do not pin it down (non-square input with a ratio, per-layer ToMe)."""
+    if tokens is None or base_tokens is None:
+        return ""
+    side = math.isqrt(base_tokens)
+    if side * side != base_tokens:
+        return ""
+    if merge and merge.get("r_h") is not None and merge.get("r_w") is not None and not merge.get("stages"):
+        h, w = side - int(merge["r_h"]), side - int(merge["r_w"])
+        if h * w == tokens:
+            return f"{h}x{w}"
+    out = math.isqrt(tokens)
+    return f"{out}x{out}" if out * out == tokens else ""
+
+
+def _device(result: Mapping[str, Any]) -> str | None:
+    """The GPU's name, or the device with its thread count (CPU timings depend on it)."""
+    env = result.get("environment") or {}
+    if env.get("gpu"):
+        return str(env["gpu"])
+    device = env.get("device") or (result.get("config") or {}).get("device")
+    if device and env.get("threads"):
+        return f"{device} ({env['threads']} threads)"
+    return device
+
+
+def _group_key(config: Mapping[str, Any]) -> str:
+    """What must match for two jobs to share an unmerged reference."""
+    keys = ("model", "evaluator", "dataset", "device")
+    return json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
+
+
+def _row(result: Mapping[str, Any]) -> dict[str, Any]:
+    config = result.get("config") or {}
+    merge_cfg = config.get("merge") or {}
+    merge = result.get("merge")
+    method = (merge or {}).get("method") or merge_cfg.get("method") or BASELINE_METHOD
+    row: dict[str, Any] = dict.fromkeys(COLUMN_KEYS)
+    row.update(
+        status=result.get("status", "failed"),
+        model=result.get("model") or (config.get("model") or {}).get("name"),
+        method=method,
+        schedule=schedule_text(merge if merge is not None else merge_cfg),
+        run=result.get("_run", ""),
+        error=result.get("error") or "",
+        device=_device(result),
+        group=_group_key(config),
+        random_weights="checkpoint" in (config.get("model") or {}) and config["model"]["checkpoint"] is None,
+    )
+    metrics = result.get("metrics") or {}
+    speed = metrics.get("throughput") or {}
+    base = speed.get("baseline")
+    mine = base if method == BASELINE_METHOD else speed.get(method)
+    if base is not None and mine is not None:
+        row.update(
+            tokens=mine["tokens"],
+            kept_pct=_percent(mine["tokens"], base["tokens"]),
+            gflops=mine["gflops"],
+            img_s=mine["img_s"],
+            speedup=mine["speedup"],
+            flop_speedup=mine["flop_speedup"],
+            out_grid=_out_grid(merge, mine["tokens"], base["tokens"]),
+            setup=speed.get("setup"),
+            baseline_speed=base,
+        )
+    found = accuracy(metrics)
+    if found is not None:
+        row["metric"], row["value"] = found
+    return row
+
+
+def _reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The group's unmerged reference: its merge=none job (the mean if several), else a row
+    from the in-process baselines of its throughput runs, else None."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    unmerged = [r for r in ok if r["method"] == BASELINE_METHOD]
+    if unmerged:
+        if len(unmerged) == 1:
+            return unmerged[0]
+        return {**unmerged[0], "value": _mean(r["value"] for r in unmerged)}
+    timed = [r for r in ok if r.get("baseline_speed")]
+    if not timed:
+        return None
+    base = timed[0]["baseline_speed"]
+    row = dict.fromkeys(COLUMN_KEYS)
+    row.update(
+        status="ok",
+        model=timed[0]["model"],
+        method=IN_PROCESS_BASELINE,
+        schedule="-",
+        out_grid=_out_grid(None, base["tokens"], base["tokens"]),
+        tokens=base["tokens"],
+        kept_pct=100.0,
+        gflops=base["gflops"],
+        # Each job timed the same unmerged model; their median is the fairest single number.
+        img_s=statistics.median(r["baseline_speed"]["img_s"] for r in timed),
+        speedup=1.0,
+        flop_speedup=1.0,
+        run=f"median of {len(timed)} job(s)",
+        error="",
+        device=timed[0]["device"],
+        group=timed[0]["group"],
+        setup=timed[0].get("setup"),
+        synthetic=True,
+    )
+    return row
+
+
+def _percent(part: int | None, whole: int | None) -> float | None:
+    return None if part is None or not whole else 100.0 * part / whole
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _sort_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", row["schedule"] or "")]
+    return (_METHOD_ORDER.get(row["method"], 9), row["method"], numbers, row["schedule"], row["run"])
+
+
+def build_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per result (see ``COLUMNS``) plus, per group without a ``merge=none`` job, the
+    in-process reference row; ``delta`` is accuracy minus the group's ``merge=none`` accuracy.
+
+    Rows also carry ``group`` (what they are compared within), ``device`` and, when the
+    throughput evaluator ran, ``setup``; groups keep their first-seen order, and within a group
+    the reference comes first, then methods, then schedules in numeric order.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        row = _row(result)
+        groups.setdefault(row["group"], []).append(row)
+    table: list[dict[str, Any]] = []
+    for rows in groups.values():
+        reference = _reference(rows)
+        if reference is not None and reference.get("synthetic"):
+            rows = [reference, *rows]
+        for row in rows:
+            if reference is not None and row["value"] is not None and reference["value"] is not None:
+                if row["metric"] == reference["metric"]:
+                    row["delta"] = row["value"] - reference["value"]
+            row["reference"] = row is reference or (
+                reference is not None and row["method"] == BASELINE_METHOD and row["status"] == "ok"
+            )
+        table.extend(sorted(rows, key=_sort_key))
+    return table
+
+
+def _markdown_cell(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if key == "error":
+        text = " ".join(str(value).split())
+        value = text if len(text) <= _MD_ERROR_CHARS else text[: _MD_ERROR_CHARS - 1] + "…"
+    elif key in ("speedup", "flop_speedup"):
+        value = f"{value:.2f}x"
+    elif key == "kept_pct":
+        value = f"{value:.1f}%"
+    elif key == "delta":
+        value = f"{value:+.2f}"
+    elif key in ("gflops", "value", "img_s"):
+        value = f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``rows`` as a GitHub markdown table, numbers rounded for reading."""
+    lines = [
+        "| " + " | ".join(header for _, header in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_markdown_cell(key, row.get(key)) for key in COLUMN_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def describe_setup(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line on where the speed numbers come from (device, dtype, batch, iterations)."""
+    setups = {json.dumps(r["setup"], sort_keys=True) for r in rows if r.get("setup")}
+    devices = sorted({str(r["device"]) for r in rows if r.get("device")})
+    parts = [f"device: {', '.join(devices) or 'unknown'}"]
+    for setup in map(json.loads, sorted(setups)):
+        parts.append(
+            f"throughput: {setup['dtype']}, batch {setup['batch_size']}, median of {setup['iters']} "
+            f"(warm-up {setup['warmup']}{', compiled' if setup.get('compile') else ''})"
+        )
+    return "; ".join(parts)
+
+
+def write_report(
+    rows: Sequence[Mapping[str, Any]], out_dir: Path, sources: Sequence[Path | str], plot: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``report.md`` (the table, how to read it, the plot) and ``report.csv`` (full-precision
+    numbers, full error text) into ``out_dir``; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines = [
+        "# Sweep report",
+        "",
+        f"Source: {', '.join(str(s) for s in sources)}  ",
+        f"{len(rows)} rows, {len(failed)} not ok. {describe_setup(rows)}.",
+        "",
+        "speed-up and FLOP-ideal are against the unmerged model timed in the same process; "
+        "Δ vs none is the accuracy difference to the group's `merge=none` job (blank without one). "
+        f"`{IN_PROCESS_BASELINE}` rows stand for the unmerged model where the sweep had no "
+        "`merge=none` job.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    if plot:
+        lines += [f"![Pareto plot]({plot})", ""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(lines))
+    csv_path = out_dir / "report.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMN_KEYS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMN_KEYS})
+    return md_path, csv_path

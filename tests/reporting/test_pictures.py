@@ -1,0 +1,106 @@
+"""Pictures of merges: cell maps that partition the grid, outlines, the visualize CLI."""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+import spatialmerge
+from spatialmerge.models import build_model
+from spatialmerge.reporting.pictures import (
+    assignment_grid,
+    cell_borders,
+    cell_map,
+    cell_sizes,
+    merge_figure,
+    prepare_image,
+    render_cells,
+)
+
+TINY_SAM = dict(image_size=128, depth=2, embed_dim=32, num_heads=2, global_attn_indexes=[1], window_size=4)
+TINY_OVERRIDES = [f"+model.{k}={v}".replace(" ", "") for k, v in TINY_SAM.items()]
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    torch.manual_seed(0)
+    return build_model("sam_b", **TINY_SAM)
+
+
+@pytest.fixture(scope="module")
+def image_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).resize((128, 128)).save(path)
+    return path
+
+
+def test_cell_borders_outline_both_sides_of_every_edge():
+    labels = np.array([[0, 0, 1], [0, 0, 1], [2, 2, 2]])
+    expected = np.array([[0, 1, 1], [1, 1, 1], [1, 1, 1]], dtype=bool)
+    assert (cell_borders(labels) == expected).all()
+    assert not cell_borders(np.zeros((4, 4), dtype=int)).any()
+
+
+def test_assignment_grid_rejects_maps_that_do_not_fit():
+    assert assignment_grid(torch.tensor([0, 1, 1, 2]), (2, 2), 3).tolist() == [[0, 1], [1, 2]]
+    with pytest.raises(ValueError, match="expected \\(4,\\)"):
+        assignment_grid(np.arange(6), (2, 2), 6)
+    with pytest.raises(ValueError, match="outside \\[0, 3\\)"):
+        assignment_grid(np.array([0, 1, 2, 3]), (2, 2), 3)
+
+
+def test_render_tints_merged_cells_and_leaves_single_patches_alone():
+    image = np.full((4, 4, 3), 100, dtype=np.uint8)
+    labels = np.array([[0, 0], [1, 2]])  # token 0 holds two patches; 1 and 2 one each
+    out = render_cells(image, labels, tokens=3)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[2:, :] == 100).all(), "single patches keep the image"
+    assert (out[:2, :] != 100).any(axis=-1).all(), "the merged cell is tinted or outlined"
+
+
+@pytest.mark.parametrize("method", ["cubist", "tome", "expedite", "oracle"])
+def test_cell_map_covers_every_patch_exactly_once(tiny_sam, image_png, method):
+    _, x = prepare_image(tiny_sam, Image.open(image_png))
+    found = cell_map(tiny_sam, x, {"method": method, "loc": 1, "ratio": 0.25})
+    assert found.labels.shape == (8, 8) and found.out_hw == (6, 6) and found.tokens == 36
+    sizes = cell_sizes(found.labels, found.tokens)
+    assert sizes.sum() == 64, "every patch is in exactly one cell"
+    if method in ("cubist", "tome"):
+        assert set(found.labels.ravel().tolist()) == set(range(36)), "every token holds a patch"
+    assert found.features.shape == (1, 256, 8, 8)
+    assert spatialmerge.patch_state(tiny_sam) is None, "the model is unpatched afterwards"
+
+
+def test_figure_shows_each_panel_pixel_for_pixel(tiny_sam, image_png, tmp_path):
+    image = Image.open(image_png)
+    merges = [{"method": m, "loc": 1, "ratio": 0.25} for m in ("cubist", "tome", "expedite")]
+    maps = merge_figure(tiny_sam, image, merges, tmp_path / "fig.png", "title", fidelity=True)
+    pixels, _ = prepare_image(tiny_sam, image)
+    figure = np.asarray(Image.open(tmp_path / "fig.png").convert("RGB"))
+    assert figure.shape[0] >= 2 * 128 and figure.shape[1] >= 3 * 128
+    for column, found in enumerate(maps):
+        panel = render_cells(pixels, found.labels, found.tokens)
+        x0 = 8 + column * (128 + 8)  # save_panels' default padding
+        hits = [y for y in range(figure.shape[0] - 127) if (figure[y : y + 128, x0 : x0 + 128] == panel).all()]
+        assert hits, f"the {found.method} panel is not drawn at its own size"
+
+
+def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli, capsys):
+    out = tmp_path / "merges.png"
+    args = [str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--out", str(out)]
+    assert visualize_cli(args) == 0
+    with Image.open(out) as png:
+        assert png.size[0] >= 3 * 128 and png.size[1] >= 128
+    assert "cubist: 36 tokens of 64" in capsys.readouterr().out
+    assert visualize_cli([*args[:-2], "merge=tome", "--out", str(tmp_path / "one.png")]) == 0
+    with Image.open(tmp_path / "one.png") as png:
+        assert 128 <= png.size[0] < 2 * 128, "merge=X alone draws X only"
+    assert visualize_cli([*args[:-2], "--panel-width", "64", "--out", str(tmp_path / "small.png")]) == 0
+    with Image.open(tmp_path / "small.png") as png:
+        assert 3 * 64 <= png.size[0] < 3 * 128
+
+
+def test_visualize_cli_explains_a_bad_schedule(image_png, visualize_cli, capsys):
+    assert visualize_cli([str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.6"]) == 1
+    assert "ratio=0.6" in capsys.readouterr().err
