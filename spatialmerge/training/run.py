@@ -1,0 +1,110 @@
+"""Glue between a composed ``train`` config and the components: device, model, data, fit, evaluate.
+
+``train.py`` stays short by calling these; tests call them too, on composed configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+import spatialmerge
+from spatialmerge import distributed
+from spatialmerge.data.imagenet import eval_transform
+from spatialmerge.loggers import RunLogger
+from spatialmerge.pipeline import EvalContext, instantiate, merge_options, model_depth
+from spatialmerge.training.config import TrainConfig
+from spatialmerge.training.data import train_transform
+from spatialmerge.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def setup_device(name: str) -> torch.device:
+    """Resolve ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``) and, when started by
+    torchrun, join its process group: NCCL on CUDA (each process on GPU ``LOCAL_RANK``), gloo on
+    CPU. ``auto`` is CUDA when available. Processes other than rank 0 then log warnings only."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu")
+    joined = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)
+    if device.type == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", 0)) if joined else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+    return device
+
+
+def shared_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory on every process: each torchrun process composes its own Hydra
+    config, and a timestamped directory can differ by a second between them, but checkpoints
+    must be written and found in one place."""
+    if not distributed.is_distributed():
+        return Path(run_dir)
+    shared = [str(run_dir)]
+    dist.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_training(
+    cfg: DictConfig, run_dir: Path, device: torch.device, logger: RunLogger | None = None
+) -> dict[str, Any]:
+    """Build the model, apply the merge, fine-tune it with merging active, then run every
+    configured evaluator on the val split (sharded across processes).
+
+    Returns ``{"merge": patch kwargs, "metrics": {"train": {...}, evaluator: {...}}, "notes": [...]}``
+    in the shape ``spatialmerge.pipeline.record`` writes to results.json.
+    """
+    settings: TrainConfig = instantiate(cfg.trainer)
+    seed_everything(settings.seed)  # the same initial weights on every process
+    model = instantiate(cfg.model)
+    merge = merge_options(cfg.merge, model_depth(model))
+    if merge is not None:
+        spatialmerge.patch(model, **merge)
+    notes: list[str] = []
+    if cfg.model.get("checkpoint") is None:
+        notes.append("trained from random initial weights (model.checkpoint=null)")
+    dataset = instantiate(cfg.dataset)
+    if "split" not in getattr(dataset, "keywords", {}):
+        raise ValueError(
+            f"dataset {cfg.dataset.get('_target_')} has no train/val splits; training needs a "
+            "labelled ImageFolder dataset: dataset=imagenet dataset.root=/path/with/train/and/val"
+        )
+    train_set = dataset(split="train", transform=train_transform(model, settings))
+    val = dataset(split="val", transform=eval_transform(model))  # a missing split fails before training
+    seed_everything(settings.seed + distributed.rank())  # mixup and dropout differ per process
+    result = Trainer(settings, run_dir, device, logger).fit(model, train_set)
+
+    metrics: dict[str, Any] = {"train": result.metrics}
+    candidates = {"": result.model} if result.ema is None else {"": result.model, "_ema": result.ema}
+    for suffix, trained in candidates.items():
+        ctx = EvalContext(trained, merge, str(device), lambda transform=None: val)
+        for name, node in cfg.evaluator.items():
+            if name == "throughput" and (suffix or not distributed.is_main()):
+                continue  # timing is per device and weight-independent: rank 0, once
+            log.info("running evaluator %s%s", name, suffix)
+            start = time.perf_counter()
+            metrics[name + suffix] = instantiate(node).run(ctx)
+            metrics[name + suffix]["seconds"] = time.perf_counter() - start
+    return {"merge": merge, "metrics": metrics, "notes": notes}
