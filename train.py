@@ -11,25 +11,13 @@ training summary, evaluator metrics, environment); a failed run is recorded ther
 multirun carries on with its other jobs. Only rank 0 logs, prints and writes files.
 """
 
-import os
-import sys
-import time
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
 
-from spatialmerge import distributed
-from spatialmerge.data import DatasetLayoutError
-from spatialmerge.models import (
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-)
-from spatialmerge.pipeline import format_summary, record
+from spatialmerge.jobs import USER_ERRORS, run_job
 from spatialmerge.training import (
     NonFiniteLossError,
     TrainingCheckpointError,
@@ -39,58 +27,23 @@ from spatialmerge.training import (
     shared_run_dir,
 )
 
-# Mistakes a user can fix from the message alone: no traceback for these.
-USER_ERRORS = (
-    CheckpointNotFoundError,
-    CheckpointMismatchError,
-    CheckpointFormatError,
-    DatasetLayoutError,
-    TrainingCheckpointError,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    ValueError,
-    TypeError,
-)
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    started, status, error, outcome, logger = time.time(), "failed", None, None, None
-    try:
-        device = setup_device(cfg.device)
-        run_dir = shared_run_dir(run_dir)
+    device: torch.device | None = None
+
+    def prepare(run_dir: Path) -> Path:
+        nonlocal device
+        device = setup_device(cfg.device)  # joins torchrun when launched by it
         cfg.device = str(device)
-        if distributed.is_main():
-            logger = instantiate(cfg.logger)
-            config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-            group = Path(hydra_cfg.sweep.dir).name if multirun else None
-            logger.start(run_dir, config, name=hydra_cfg.job.override_dirname or cfg.task_name, group=group)
-        outcome = run_training(cfg, run_dir, device, logger)
-        status = "ok"
-    except USER_ERRORS as err:
-        if os.environ.get("SPATIALMERGE_DEBUG"):
-            raise
-        error = f"{type(err).__name__}: {err}"
-    except Exception as err:  # recorded, then re-raised: a bug deserves its traceback
-        error = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        if distributed.is_main():
-            payload = record(run_dir, cfg, outcome, status, error, started)
-            if logger is not None:
-                logger.summary({"status": status, **payload["metrics"]})
-                logger.finish(status)
-            if status == "ok":
-                print(format_summary(payload))
-            print(f"results: {run_dir / 'results.json'}")
-        distributed.cleanup()
-    if error is not None:
-        print(f"error: {error}", file=sys.stderr)
-        if not multirun:
-            sys.exit(1)
+        return shared_run_dir(run_dir)  # every rank writes into rank 0's directory
+
+    run_job(
+        cfg,
+        lambda run_dir, logger: run_training(cfg, run_dir, device, logger),
+        prepare=prepare,
+        user_errors=USER_ERRORS + (TrainingCheckpointError, NonFiniteLossError, TrainingInterrupted),
+    )
 
 
 if __name__ == "__main__":

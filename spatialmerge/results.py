@@ -8,7 +8,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import torch
 
@@ -47,21 +47,26 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write to a temporary file in the same directory, then rename: a killed run leaves either
-    the previous file or the complete new one, never half of one."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temporary file in the same directory, then rename it to ``path``: a
+    killed run leaves either the previous file or the complete new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """results.json and friends, written with ``atomic_write``."""
+    atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode()))
 
 
 def read_results(path: Path) -> dict[str, Any]:

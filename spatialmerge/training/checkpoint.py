@@ -13,7 +13,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from spatialmerge.results import atomic_write
 
 FORMAT = "spatialmerge-train-1"
 CHECKPOINT_DIR = "checkpoints"
@@ -94,19 +95,9 @@ def restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill leaves the previous
-    checkpoint or the complete new one, never a truncated file under a checkpoint name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **payload}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` through ``atomic_write``: a kill leaves the previous checkpoint or the
+    complete new one, never a truncated file under a checkpoint name."""
+    atomic_write(path, lambda handle: torch.save({"format": FORMAT, **payload}, handle))
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
