@@ -57,7 +57,7 @@ def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None
     ``stages`` > ``r_h``/``r_w`` > ``ratio``; ``loc: null`` means a quarter of the depth.
     Returns None for ``method: none``.
     """
-    options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(merge))).items()}
+    options = dict(OmegaConf.to_container(OmegaConf.create(dict(merge)), resolve=True))
     method = options.pop("method")
     if method == "none":
         return None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -112,6 +112,17 @@ def test_sam_wrapper_patches_its_encoder_and_predictor_returns_full_size_masks()
     assert spatialmerge.patch_state(sam).last_hw == ((8, 8), (6, 6))
     spatialmerge.unpatch(sam)
     assert type(sam.image_encoder) is ImageEncoderViT
+
+
+@torch.no_grad()
+def test_automatic_mask_generator_runs_unchanged_on_a_patched_sam():
+    sam = tiny_sam()
+    spatialmerge.patch(sam, "cubist", loc=1, ratio=0.25)
+    generator = SamAutomaticMaskGenerator(sam, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = np.random.default_rng(1).integers(0, 255, size=(64, 96, 3), dtype=np.uint8)
+    masks = generator.generate(image)
+    assert masks and all(m["segmentation"].shape == (64, 96) for m in masks)
+    assert spatialmerge.patch_state(sam).last_hw == ((8, 8), (6, 6)), "the encoder ran merged"
 
 
 @torch.no_grad()
