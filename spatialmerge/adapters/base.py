@@ -133,6 +133,19 @@ class MergeClock:
 merge_clock = MergeClock()
 
 
+def unmerged_entry_point(name: str, instead: str) -> Callable[..., Any]:
+    """A stand-in for a model method that runs the backbone's own block loop (so it would not
+    merge): calling it on a patched model raises instead of silently returning unmerged output."""
+
+    def refuse(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__}.{name} runs the backbone's own block loop, which does not merge; "
+            f"on a patched model use {instead}, or spatialmerge.unpatch(model) first"
+        )
+
+    return refuse
+
+
 class GridRun:
     """One forward pass of a grid schedule: merge before the scheduled blocks, recover at the end.
 

@@ -18,7 +18,13 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
-from spatialmerge.adapters.base import STATE_ATTR, Adapter, keys_from_qkv, register_adapter
+from spatialmerge.adapters.base import (
+    STATE_ATTR,
+    Adapter,
+    keys_from_qkv,
+    register_adapter,
+    unmerged_entry_point,
+)
 
 
 def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> Tensor:
@@ -82,7 +88,12 @@ class TimmSamAdapter(_SamFamily):
     model_types = (VisionTransformerSAM,)
 
     def overrides(self) -> dict[str, Callable[..., Any]]:
-        return {"forward_features": _timm_samvit_forward_features}
+        return {
+            "forward_features": _timm_samvit_forward_features,
+            "forward_intermediates": unmerged_entry_point(
+                "forward_intermediates", "forward_features (the neck output on the full grid)"
+            ),
+        }
 
 
 register_adapter(SegmentAnythingAdapter())

@@ -31,6 +31,7 @@ from spatialmerge.adapters.base import (
     keys_from_qkv,
     keys_from_qkv_output,
     register_adapter,
+    unmerged_entry_point,
 )
 from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.merging.tome import bipartite_soft_matching, max_r, merge_wavg, parse_r
@@ -234,7 +235,12 @@ class TimmViTAdapter(Adapter):
                 _fused_qkv(block)
 
     def overrides(self) -> dict[str, Callable[..., Any]]:
-        return {"forward_features": _vit_forward_features}
+        return {
+            "forward_features": _vit_forward_features,
+            "forward_intermediates": unmerged_entry_point(
+                "forward_intermediates", "forward_features (recover=True keeps every patch token)"
+            ),
+        }
 
 
 register_adapter(TimmViTAdapter())

@@ -215,3 +215,13 @@ def test_user_mistakes_get_clear_messages():
     spatialmerge.patch(encoder, "cubist", loc=1, r_h=9, r_w=0)
     with pytest.raises(ValueError, match=r"r_h=9 is out of range for a side of 16"):
         encoder(torch.randn(1, 3, 256, 256))
+
+
+def test_timm_samvit_forward_intermediates_refuses_when_patched():
+    model = timm.create_model(
+        "samvit_base_patch16", pretrained=False, img_size=64, depth=2, embed_dim=32, num_heads=2,
+        global_attn_indexes=(1,), window_size=2, neck_chans=16,
+    ).eval()
+    spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
+    with pytest.raises(NotImplementedError, match="forward_intermediates runs the backbone's own block loop"):
+        model.forward_intermediates(torch.randn(1, 3, 64, 64))

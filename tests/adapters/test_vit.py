@@ -376,3 +376,14 @@ def test_torch_compile_of_patched_deit_matches_eager():
     expected = model(x)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_intermediates_refuses_instead_of_silently_not_merging():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert len(model.forward_intermediates(x, intermediates_only=True)) == 2  # unpatched: timm's
+    spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
+    with pytest.raises(NotImplementedError, match="does not merge; on a patched model use forward_features"):
+        model.forward_intermediates(x)
+    spatialmerge.unpatch(model)
+    assert len(model.forward_intermediates(x, intermediates_only=True)) == 2
