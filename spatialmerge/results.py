@@ -67,8 +67,3 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """results.json and friends, written with ``atomic_write``."""
     atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode()))
-
-
-def read_results(path: Path) -> dict[str, Any]:
-    with Path(path).open() as handle:
-        return json.load(handle)

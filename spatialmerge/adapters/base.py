@@ -22,8 +22,6 @@ from spatialmerge.merging.tome import parse_r
 
 STATE_ATTR = "_spatialmerge"
 
-KeysFn = Callable[[nn.Module, Tensor], Tensor]
-
 
 class Adapter:
     """How one backbone family runs its blocks. Subclasses fill in the class attributes and
