@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from spatialmerge.merging.cubist import COLLISION_RULES, REDUCE_RULES, ratio_to_r, window_aligned_r
+from spatialmerge.merging.cubist import (
+    COLLISION_RULES,
+    REDUCE_RULES,
+    check_ratio,
+    ratio_to_r,
+    window_aligned_r,
+)
 from spatialmerge.merging.tome import parse_r
 
 METHODS: tuple[str, ...] = ("none", "cubist", "tome", "expedite", "oracle")
@@ -44,7 +50,7 @@ class Stage:
         if not by_r and self.ratio is None:
             raise ValueError(f"stage at loc={self.loc} needs r_h and r_w, or a ratio")
         if self.ratio is not None:
-            ratio_to_r((1, 1), self.ratio)  # validates the range with the standard message
+            check_ratio(self.ratio)
 
     def removal(self, hw: tuple[int, int], window: int | None, align: str) -> tuple[int, int]:
         """(r_h, r_w) for a grid of size ``hw`` (ratios resolve per axis, optionally aligned)."""

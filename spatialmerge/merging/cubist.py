@@ -388,7 +388,7 @@ def cubist_recover(y: Tensor, record: CubistRecord) -> Tensor:
 
 def ratio_to_r(hw: tuple[int, int], ratio: float) -> tuple[int, int]:
     """Per-axis ratio -> (r_h, r_w) with ``r = round(side * ratio)``; 0 <= ratio < 0.5."""
-    _check_ratio(ratio)
+    check_ratio(ratio)
     return round(hw[0] * ratio), round(hw[1] * ratio)
 
 
@@ -400,7 +400,7 @@ def window_aligned_r(hw: tuple[int, int], ratio: float, window: int) -> tuple[in
     (multiples of ``window`` in ``[ceil(H / 2), H]``, plus ``H`` itself, i.e. no merge), the one
     nearest to the requested side ``H - round(H * ratio)``; ties keep more tokens.
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if window < 1:
         raise ValueError(f"window={window} must be >= 1 (the backbone's attention window size)")
     out = []
@@ -412,7 +412,8 @@ def window_aligned_r(hw: tuple[int, int], ratio: float, window: int) -> tuple[in
     return out[0], out[1]
 
 
-def _check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float) -> None:
+    """Reject a per-axis ratio outside [0, 0.5), naming the value, the limit and the fix."""
     if not 0 <= ratio < 0.5:
         raise ValueError(
             f"ratio={ratio} is out of range: it is the share of tokens removed per axis in one "
