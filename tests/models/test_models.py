@@ -50,7 +50,7 @@ TINY: dict[str, dict[str, object]] = {
 
 ALL_NAMES = [
     "sam_b", "sam_l", "sam_h", "samvit_b", "samvit_l", "samvit_h",
-    "deit_t", "deit_s", "deit_b", "deit_b_distilled", "dinov3_s", "dinov3_b", "dinov3_l",
+    "deit_t", "deit_s", "deit_b", "deit_b_distilled", "dinov2_s", "dinov3_s", "dinov3_b", "dinov3_l",
 ]
 
 
@@ -77,12 +77,12 @@ def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 def test_every_name_is_registered_with_complete_info() -> None:
     assert available_models() == ALL_NAMES
-    families = {"sam": "segmentation", "samvit": "features", "vit": "classification",
-                "eva": "features"}
+    families = {"sam": {"segmentation"}, "samvit": {"features"},
+                "vit": {"classification", "features"}, "eva": {"features"}}
     for name in ALL_NAMES:
         info = model_info(name)
         assert info.name == name
-        assert families[info.family] == info.task
+        assert info.task in families[info.family]
         assert info.grid_size * info.patch_size == info.input_size
         assert (info.timm_name is None) == (info.family == "sam")
         assert info.checkpoint_file.endswith(".pth") and info.checkpoint_source
@@ -94,7 +94,8 @@ def test_every_name_is_registered_with_complete_info() -> None:
     assert model_info("dinov3_b").checkpoint_file == "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"
     assert "DINOv3" in model_info("dinov3_b").checkpoint_source
     assert [model_info(n).num_prefix_tokens for n in ("sam_b", "deit_b", "deit_b_distilled",
-                                                      "dinov3_s")] == [0, 1, 2, 5]
+                                                      "dinov3_s", "dinov2_s")] == [0, 1, 2, 5, 1]
+    assert model_info("dinov2_s").task == "features" and model_info("dinov2_s").patch_size == 14
 
 
 @pytest.mark.parametrize("bad", ["sam_x", "deit", ""])
