@@ -1,7 +1,8 @@
 """Draw which original patches each merged token holds, for several methods side by side.
 
-    python scripts/visualize.py photo.jpg                                   # SAM-B (random), all three
+    python scripts/visualize.py                          # trained DINOv2 ViT-S/14 on skimage's astronaut
     python scripts/visualize.py photo.jpg merge.loc=3 merge.ratio=0.25 --fidelity --out merges.png
+    python scripts/visualize.py photo.jpg model=sam_b_random merge.loc=3 merge.ratio=0.25
     python scripts/visualize.py photo.jpg model=sam_b model.checkpoint=/path/sam_vit_b_01ec64.pth
     python scripts/visualize.py photo.jpg model=deit_s merge.loc=1 merge.ratio=null \\
         merge.r_h=2 merge.r_w=2 --methods cubist,tome
@@ -24,6 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spatialmerge.data.photos import PHOTOS, skimage_data_dir  # noqa: E402
 from spatialmerge.pipeline import instantiate, merge_options, model_depth  # noqa: E402
 from spatialmerge.reporting.pictures import merge_figure  # noqa: E402
 from spatialmerge.reporting.table import schedule_text  # noqa: E402
@@ -33,17 +35,22 @@ DEFAULT_METHODS = ("cubist", "tome", "expedite")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image", type=Path, help="any RGB image (png, jpg, ...)")
+    parser.add_argument("image", type=Path, nargs="?", default=None,
+                        help="any RGB image (png, jpg, ...); default: scikit-image's astronaut photo")
     parser.add_argument("overrides", nargs="*", help="eval.py overrides, e.g. model=sam_b_random merge.loc=3")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}, or X for merge=X)")
     parser.add_argument("--fidelity", action="store_true",
                         help="add per-patch cosine similarity of merged+recovered vs unmerged features")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image>_merges.png)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image name>_merges.png in the current directory)")
     parser.add_argument("--panel-width", type=int, default=None,
                         help="draw each panel this many pixels wide (default: the model input's width)")
     parser.add_argument("--seed", type=int, default=0, help="colour seed")
     args = parser.parse_intermixed_args(argv)
+    if args.image is not None and "=" in args.image.name and not args.image.exists():
+        # no image given: argparse took the first override for it
+        args.overrides.insert(0, str(args.image))
+        args.image = None
 
     chosen = [o.split("=", 1)[1] for o in args.overrides if o.startswith("merge=")]
     methods = args.methods.split(",") if args.methods else chosen or list(DEFAULT_METHODS)
@@ -54,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"methods {methods}: merge=none merges nothing to draw; pick e.g. --methods cubist,tome"
             )
+        if args.image is None:
+            args.image = skimage_data_dir() / PHOTOS["astronaut"]
         image = Image.open(args.image)
         torch.manual_seed(cfg.seed)  # the same random weights, and so the same picture, every time
         model = instantiate(cfg.model).to(cfg.device)
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         random = cfg.model.get("checkpoint") is None
         weights = "random weights: the mechanics only" if random else "trained weights"
         title = f"{cfg.model.name} ({weights}) · merge {schedule_text(schedule)} · {args.image.name}"
-        out = args.out or args.image.with_name(f"{args.image.stem}_merges.png")
+        out = args.out or Path(f"{args.image.stem}_merges.png")
         maps = merge_figure(
             model, image, merges, out, title, fidelity=args.fidelity, seed=args.seed, panel_width=args.panel_width
         )

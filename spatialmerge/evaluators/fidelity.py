@@ -9,8 +9,10 @@ what the model produces:
   ``multimask_output=False``, thresholded at original resolution), and the image embeddings.
 - ``"classifier"`` (timm ``VisionTransformer`` / DeiT with a head): top-1 agreement, KL of the
   softmax outputs and top-5 overlap.
-- ``"features"`` (timm ``Eva`` / DINOv3, ``VisionTransformerSAM`` and headless ViTs): cosine
-  similarity of the dense patch features, recovered to the full grid, and of the pooled output.
+- ``"features"`` (timm ``Eva`` / DINOv3, ``VisionTransformerSAM`` and headless ViTs such as
+  DINOv2): cosine similarity of the dense patch features, recovered to the full grid, and of the
+  CLS token (or pooled output), and how many patches keep their segment in a k-means
+  segmentation of the unmerged features.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import spatialmerge
 from spatialmerge.data.coco import collate_list
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
-from spatialmerge.evaluators.metrics import mask_iou
+from spatialmerge.evaluators.metrics import mask_iou, segment_agreement
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -185,6 +187,7 @@ class FidelityEvaluator:
     Args:
         max_images: use at most the dataset's first ``max_images`` images; None for all.
         points_per_side: SAM only: prompts are a ``points_per_side`` x ``points_per_side`` grid.
+        segments: feature backbones: k of the k-means segmentation whose agreement is reported.
         batch_size: images per forward for timm models (SAM runs one image at a time).
         num_workers: DataLoader processes decoding and transforming images.
         progress: show a tqdm bar (on rank 0 only).
@@ -197,6 +200,7 @@ class FidelityEvaluator:
         self,
         max_images: int | None = None,
         points_per_side: int = 4,
+        segments: int = 6,
         batch_size: int = 8,
         num_workers: int = 2,
         progress: bool = True,
@@ -206,15 +210,16 @@ class FidelityEvaluator:
                 f"evaluator.max_images={max_images} must be >= 1; use evaluator.max_images=null "
                 "for all images"
             )
-        if points_per_side < 1 or batch_size < 1:
+        if points_per_side < 1 or batch_size < 1 or segments < 1:
             raise ValueError(
-                f"evaluator.points_per_side={points_per_side} and evaluator.batch_size="
-                f"{batch_size} must be >= 1"
+                f"evaluator.points_per_side={points_per_side}, evaluator.segments={segments} and "
+                f"evaluator.batch_size={batch_size} must be >= 1"
             )
         if num_workers < 0:
             raise ValueError(f"evaluator.num_workers={num_workers} must be >= 0")
         self.max_images = max_images
         self.points_per_side = points_per_side
+        self.segments = segments
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
@@ -235,8 +240,8 @@ class FidelityEvaluator:
         Returns ``{"kind", "images", ...}`` with, for ``"sam"``: ``mask_iou`` (%, mean over all
         prompts) and ``embedding_cosine``; ``"classifier"``: ``top1_agreement`` (%), ``kl``
         (nats) and, with more than 5 classes, ``top5_overlap`` (%); ``"features"``:
-        ``feature_cosine`` (mean over patch positions) and ``pooled_cosine`` where the model
-        pools. With ``merge`` None the model is compared with itself: perfect by construction.
+        ``feature_cosine`` (mean over patch positions), ``cls_cosine`` (models pooled by their
+        CLS token) or ``pooled_cosine`` (other pooling), and ``segment_agreement`` (%). With ``merge`` None the model is compared with itself: perfect by construction.
         """
         kind = model_kind(model)
         device = torch.device(device)
@@ -264,7 +269,7 @@ class FidelityEvaluator:
                 scale = {"mask_iou": 100.0}
             else:
                 sums = self._compare_timm(model, merged, shard, device, kind)
-                scale = {"top1_agreement": 100.0, "top5_overlap": 100.0}
+                scale = {"top1_agreement": 100.0, "top5_overlap": 100.0, "segment_agreement": 100.0}
         return {"kind": kind, **sums.means(scale), "images": count}
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
@@ -330,8 +335,11 @@ class FidelityEvaluator:
         sums = _Sums()
         for batch in self._bar(loader, kind, "batch"):
             images = _image(batch).to(device, non_blocking=True)  # (B, 3, H, W)
-            compare = self._compare_logits if kind == "classifier" else self._compare_features
-            sums.add(compare(model, merged, images), count=images.shape[0])
+            if kind == "classifier":
+                values = self._compare_logits(model, merged, images)
+            else:
+                values = self._compare_features(model, merged, images, self.segments)
+            sums.add(values, count=images.shape[0])
         return sums
 
     @staticmethod
@@ -350,16 +358,20 @@ class FidelityEvaluator:
 
     @staticmethod
     def _compare_features(
-        model: nn.Module, merged: nn.Module, images: Tensor
+        model: nn.Module, merged: nn.Module, images: Tensor, segments: int
     ) -> dict[str, Tensor]:
         grid, pooled = dense_features(model, images)  # (B, C, H, W), (B, C') or None
         if merged is model:
             merged_grid, merged_pooled = grid, pooled
         else:
             merged_grid, merged_pooled = dense_features(merged, images)
-        sums = {"feature_cosine": fidelity_map(grid, merged_grid).mean((1, 2)).sum()}
+        sums = {
+            "feature_cosine": fidelity_map(grid, merged_grid).mean((1, 2)).sum(),
+            "segment_agreement": segment_agreement(grid, merged_grid, segments).sum(),
+        }
         if pooled is not None and merged_pooled is not None:
-            sums["pooled_cosine"] = _cosine(pooled, merged_pooled, dim=1).sum()
+            name = "cls_cosine" if getattr(model, "global_pool", None) == "token" else "pooled_cosine"
+            sums[name] = _cosine(pooled, merged_pooled, dim=1).sum()
         return sums
 
 

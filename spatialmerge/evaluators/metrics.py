@@ -142,3 +142,66 @@ class Accuracy:
         }
         result["images"] = count
         return result
+
+
+def kmeans(features: Tensor, k: int, iters: int = 20) -> tuple[Tensor, Tensor]:
+    """Spherical k-means of one image's features, deterministic (no random draw).
+
+    Features are L2-normalised, so clusters group directions, as cosine similarity does.
+    Centroids start by farthest-point seeding from the feature nearest the mean direction, then
+    Lloyd iterations; a centroid that loses every member keeps its previous position.
+
+    Args:
+        features: (N, C) float.
+        k: clusters, 1 <= k <= N.
+        iters: Lloyd iterations.
+
+    Returns:
+        labels (N,) int64 in [0, k) and centroids (k, C), unit norm.
+    """
+    n = features.shape[0]
+    if features.dim() != 2 or not 1 <= k <= n:
+        raise ValueError(f"kmeans needs (N, C) features with 1 <= k <= N, got {tuple(features.shape)}, k={k}")
+    x = torch.nn.functional.normalize(features.float(), dim=1)  # (N, C)
+    first = int((x @ torch.nn.functional.normalize(x.mean(0), dim=0)).argmax())
+    chosen = [first]
+    closest = x @ x[first]  # (N,) similarity to the nearest chosen seed
+    for _ in range(1, k):
+        nxt = int(closest.argmin())
+        chosen.append(nxt)
+        closest = torch.maximum(closest, x @ x[nxt])
+    centroids = x[chosen].clone()  # (k, C)
+    for _ in range(iters):
+        labels = (x @ centroids.T).argmax(1)  # (N,)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k)
+        moved = torch.nn.functional.normalize(sums, dim=1)
+        centroids = torch.where((counts > 0)[:, None], moved, centroids)
+    return (x @ centroids.T).argmax(1), centroids
+
+
+def segment_agreement(unmerged: Tensor, merged: Tensor, k: int = 6) -> Tensor:
+    """Share of patches that land in the same k-means segment with and without merging.
+
+    The segments are fitted on each image's unmerged features; the merged features are assigned
+    to those same centroids, so the score asks whether merging moved a patch across a segment
+    boundary (1.0: the segmentation is unchanged).
+
+    Args:
+        unmerged, merged: (B, C, H, W) dense features of one shape.
+        k: segments per image.
+
+    Returns:
+        (B,) float32 in [0, 1].
+    """
+    if unmerged.shape != merged.shape or unmerged.dim() != 4:
+        raise ValueError(
+            f"unmerged and merged must be (B, C, H, W) of one shape, got {tuple(unmerged.shape)} "
+            f"and {tuple(merged.shape)}"
+        )
+    scores = []
+    for ref, new in zip(unmerged.flatten(2).transpose(1, 2), merged.flatten(2).transpose(1, 2)):
+        labels, centroids = kmeans(ref, min(k, ref.shape[0]))  # ref (H*W, C)
+        moved = (torch.nn.functional.normalize(new.float(), dim=1) @ centroids.T).argmax(1)
+        scores.append((moved == labels).float().mean())
+    return torch.stack(scores)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spatialmerge.evaluators import Accuracy, MeanIoU, mask_iou, topk_correct
+from spatialmerge.evaluators.metrics import kmeans, segment_agreement
 
 
 def _rect(rows: slice, cols: slice, size: tuple[int, int] = (4, 5)) -> torch.Tensor:
@@ -103,3 +104,28 @@ def test_accuracy_accumulates_batches_in_percent() -> None:
     merged = Accuracy(ks=(1, 5))
     merged.merge(meter.state())
     assert merged.compute() == meter.compute()
+
+
+def test_kmeans_finds_separated_directions_deterministically():
+    torch.manual_seed(0)
+    centres = torch.eye(3) * 5
+    features = torch.cat([c + 0.1 * torch.randn(20, 3) for c in centres])  # (60, 3)
+    labels, centroids = kmeans(features, 3)
+    assert labels.shape == (60,) and centroids.shape == (3, 3)
+    for group in labels.view(3, 20):
+        assert (group == group[0]).all()
+    assert len(set(labels.view(3, 20)[:, 0].tolist())) == 3
+    again, _ = kmeans(features, 3)
+    assert torch.equal(labels, again)
+
+
+def test_segment_agreement_counts_patches_that_change_segment():
+    grid = torch.zeros(1, 2, 4, 4)
+    grid[0, 0, :, :2] = 1.0  # left half points along x, right half along y
+    grid[0, 1, :, 2:] = 1.0
+    assert segment_agreement(grid, grid.clone(), k=2).tolist() == [1.0]
+    moved = grid.clone()
+    moved[0, :, 0, 0] = torch.tensor([0.0, 1.0])  # one left patch turns to the right segment
+    assert segment_agreement(grid, moved, k=2).item() == pytest.approx(15 / 16)
+    with pytest.raises(ValueError, match="of one shape"):
+        segment_agreement(grid, grid[:, :, :2], k=2)

@@ -76,7 +76,7 @@ def setup(request: pytest.FixtureRequest, image_root: Path) -> tuple[nn.Module, 
 PERFECT: dict[str, dict[str, float]] = {
     "sam": {"mask_iou": 100.0, "embedding_cosine": 1.0},
     "classifier": {"top1_agreement": 100.0, "kl": 0.0, "top5_overlap": 100.0},
-    "features": {"feature_cosine": 1.0, "pooled_cosine": 1.0},
+    "features": {"feature_cosine": 1.0, "segment_agreement": 100.0, "pooled_cosine": 1.0},
 }
 
 
@@ -109,6 +109,7 @@ def test_a_real_merge_is_below_perfect(setup: tuple[nn.Module, Dataset, str]) ->
     else:
         assert -1.0 <= result["feature_cosine"] < 0.9999
         assert -1.0 <= result["pooled_cosine"] < 0.9999
+        assert 0.0 <= result["segment_agreement"] <= 100.0
     # The merge went on a copy: the caller's model stays unmerged.
     assert spatialmerge.patch_state(model) is None
 

@@ -29,8 +29,9 @@ def test_every_group_has_its_expected_options():
     assert {"sam_b", "sam_l", "sam_h", "samvit_b", "deit_t", "deit_s", "deit_b", "dinov3_s", "dinov3_b"} <= set(
         options("model")
     )
-    assert set(options("merge")) >= {"none", "cubist", "tome", "expedite", "oracle"}
-    assert set(options("dataset")) == {"coco", "imagenet", "folder"}
+    assert "dinov2_s" in options("model")
+    assert set(options("merge")) >= {"none", "cubist", "tome", "expedite", "oracle", "pool"}
+    assert set(options("dataset")) == {"coco", "imagenet", "folder", "photos"}
     assert {"miou", "top1", "throughput", "fidelity"} <= set(options("evaluator"))
     assert set(options("logger")) == {"wandb", "jsonl", "none"}
 
@@ -52,6 +53,7 @@ def test_model_options_build_the_named_backbone(name):
         ("sam_h", {"miou", "throughput"}, "spatialmerge.data.CocoInstances"),
         ("deit_b", {"top1", "throughput"}, "spatialmerge.data.imagenet_dataset"),
         ("dinov3_b", {"fidelity", "throughput"}, "spatialmerge.data.ImageFolderUnlabeled"),
+        ("dinov2_s", {"fidelity", "throughput"}, "spatialmerge.data.SkimagePhotos"),
     ],
 )
 def test_a_model_picks_its_natural_evaluators_and_dataset(model, evaluators, dataset):
@@ -67,7 +69,8 @@ def test_command_line_evaluator_beats_the_models_choice():
 
 @pytest.mark.parametrize("name", options("evaluator"))
 def test_evaluator_options_instantiate(name):
-    cfg = compose_eval(f"evaluator={name}")
+    # the mIoU evaluator reads its prompt type from the COCO dataset config
+    cfg = compose_eval(f"evaluator={name}", "model=sam_b", "dataset=coco")
     for node in cfg.evaluator.values():
         evaluator = instantiate(node)
         assert callable(evaluator.run)
@@ -78,6 +81,9 @@ def test_dataset_options_instantiate_to_factories(name, tmp_path):
     cfg = compose_eval(f"dataset={name}", f"paths.data_dir={tmp_path}")
     factory = instantiate(cfg.dataset)
     assert callable(factory)
+    if name == "photos":  # installed with scikit-image, wherever the data directory points
+        assert len(factory()) == 12
+        return
     with pytest.raises(FileNotFoundError, match="dataset.root"):
         factory()  # nothing is there: the layout error names the key to set
 

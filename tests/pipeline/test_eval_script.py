@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SAM = [
+    "model=sam_b_random",
     "+model.image_size=128",
     "+model.depth=2",
     "+model.embed_dim=32",
@@ -54,6 +55,26 @@ def test_default_run_prints_a_table_and_writes_results(tmp_path):
     assert payload["config"]["merge"]["method"] == "cubist"
     assert payload["environment"]["torch"] and payload["merge"]["loc"] == 1
     assert (path.parent / "metrics.jsonl").exists(), "the default jsonl logger writes beside it"
+
+
+def test_bare_run_measures_the_trained_dinov2_on_real_photos(tmp_path):
+    # the default command, made quick: two photos at 224 px, one timed round
+    done = run_eval(
+        ["dataset.names=[astronaut,coffee]", "model.img_size=224", "merge.loc=2", "merge.ratio=0.1",
+         "evaluator.throughput.iters=1", "evaluator.throughput.warmup=0"],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model: dinov2_s" in done.stdout and "feature_cosine=" in done.stdout
+    assert "random weights" not in done.stdout
+    (path,) = results_files(tmp_path)
+    payload = json.loads(path.read_text())
+    fidelity = payload["metrics"]["fidelity"]
+    assert fidelity["images"] == 2 and fidelity["kind"] == "features"
+    # trained weights merge gently at 10% before block 2; random ones would not get near this
+    assert fidelity["feature_cosine"] > 0.98 and fidelity["cls_cosine"] > 0.98
+    rows = payload["metrics"]["throughput"]
+    assert rows["baseline"]["tokens"] == 16 * 16 and rows["cubist"]["tokens"] == 14 * 14
 
 
 def test_multirun_writes_one_results_file_per_job(tmp_path):

@@ -19,7 +19,9 @@ from spatialmerge.reporting.pictures import (
 )
 
 TINY_SAM = dict(image_size=128, depth=2, embed_dim=32, num_heads=2, global_attn_indexes=[1], window_size=4)
-TINY_OVERRIDES = [f"+model.{k}={v}".replace(" ", "") for k, v in TINY_SAM.items()]
+TINY_OVERRIDES = ["model=sam_b_random", *(f"+model.{k}={v}".replace(" ", "") for k, v in TINY_SAM.items())]
+# Expedit-SAM's k=36 is more centroids than a tiny 3x3-per-window clustering has
+TINY_K = {"expedite": {"k": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +61,10 @@ def test_render_tints_merged_cells_and_leaves_single_patches_alone():
     assert (out[:2, :] != 100).any(axis=-1).all(), "the merged cell is tinted or outlined"
 
 
-@pytest.mark.parametrize("method", ["cubist", "tome", "expedite", "oracle"])
+@pytest.mark.parametrize("method", ["cubist", "tome", "expedite", "oracle", "pool"])
 def test_cell_map_covers_every_patch_exactly_once(tiny_sam, image_png, method):
     _, x = prepare_image(tiny_sam, Image.open(image_png))
-    found = cell_map(tiny_sam, x, {"method": method, "loc": 1, "ratio": 0.25})
+    found = cell_map(tiny_sam, x, {"method": method, "loc": 1, "ratio": 0.25, **TINY_K.get(method, {})})
     assert found.labels.shape == (8, 8) and found.out_hw == (6, 6) and found.tokens == 36
     sizes = cell_sizes(found.labels, found.tokens)
     assert sizes.sum() == 64, "every patch is in exactly one cell"
@@ -74,7 +76,7 @@ def test_cell_map_covers_every_patch_exactly_once(tiny_sam, image_png, method):
 
 def test_figure_shows_each_panel_pixel_for_pixel(tiny_sam, image_png, tmp_path):
     image = Image.open(image_png)
-    merges = [{"method": m, "loc": 1, "ratio": 0.25} for m in ("cubist", "tome", "expedite")]
+    merges = [{"method": m, "loc": 1, "ratio": 0.25, **TINY_K.get(m, {})} for m in ("cubist", "tome", "expedite")]
     maps = merge_figure(tiny_sam, image, merges, tmp_path / "fig.png", "title", fidelity=True)
     pixels, _ = prepare_image(tiny_sam, image)
     figure = np.asarray(Image.open(tmp_path / "fig.png").convert("RGB"))
@@ -88,12 +90,13 @@ def test_figure_shows_each_panel_pixel_for_pixel(tiny_sam, image_png, tmp_path):
 
 def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli, capsys):
     out = tmp_path / "merges.png"
-    args = [str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--out", str(out)]
+    args = [str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--methods", "cubist,tome,pool",
+            "--out", str(out)]
     assert visualize_cli(args) == 0
     with Image.open(out) as png:
         assert png.size[0] >= 3 * 128 and png.size[1] >= 128
     assert "cubist: 36 tokens of 64" in capsys.readouterr().out
-    assert visualize_cli([*args[:-2], "merge=tome", "--out", str(tmp_path / "one.png")]) == 0
+    assert visualize_cli([*args[:-4], "merge=tome", "--out", str(tmp_path / "one.png")]) == 0
     with Image.open(tmp_path / "one.png") as png:
         assert 128 <= png.size[0] < 2 * 128, "merge=X alone draws X only"
     assert visualize_cli([*args[:-2], "--panel-width", "64", "--out", str(tmp_path / "small.png")]) == 0
