@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spatialmerge.adapters.config import MergeConfig
-from spatialmerge.merging.grid import GridRecord, reduce_grid
+from spatialmerge.merging.grid import GridRecord, reduce_grid, reduce_windows
 from spatialmerge.merging.tome import parse_r
 
 STATE_ATTR = "_spatialmerge"
@@ -31,11 +31,18 @@ class Adapter:
         name: short family name used in messages.
         model_types: classes this adapter patches (the user may pass a wrapper, see ``target``).
         methods: merge methods this family supports.
+        expedite_defaults: the Expedite settings a reference implementation uses on this
+            family; options the user leaves unset take these.
     """
 
     name: str = ""
     model_types: tuple[type, ...] = ()
-    methods: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle")
+    methods: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle", "pool")
+    # The CubistMerge authors' DINOv3 port: the whole grid clustered at once.
+    expedite_defaults: dict[str, Any] = {
+        "n_iters": 5, "temperature": 0.01, "window_size": 5, "k": 20, "reconstruct": "l2",
+        "windowed": False,
+    }
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_types)
@@ -77,6 +84,11 @@ class Adapter:
             raise ValueError(
                 f"align='window' needs a windowed backbone, but this {self.name} model has no "
                 "window attention; use align=none"
+            )
+        if config.windowed and self.window(target) is None:
+            raise ValueError(
+                f"windowed=true clusters each attention window separately, but this {self.name} "
+                "model has no window attention; use windowed=false (or leave it unset)"
             )
         if config.per_layer:
             parse_r(depth, config.r)
@@ -159,6 +171,13 @@ class GridRun:
         self.stages = {stage.loc: stage for stage in state.config.stages}
         self.records: list[GridRecord] = []
 
+    @property
+    def block_window(self) -> int | None:
+        """The window side later window-attention blocks must use (a per-window reduction
+        tiles the grid in smaller windows), or None to keep the backbone's own."""
+        sides = [record.block_window for record in self.records if record.block_window]
+        return sides[-1] if sides else None
+
     def merges_at(self, i: int) -> bool:
         return i in self.stages
 
@@ -171,9 +190,16 @@ class GridRun:
         r_h, r_w = stage.removal((h, w), self.window, self.config.align)
         started = merge_clock.start(grid.device) if merge_clock.enabled else 0.0
         metric = self._metric(grid, block)
-        grid, record = reduce_grid(
-            self.config.method, grid, (h - r_h, w - r_w), metric=metric, **self.config.grid_options()
-        )
+        if self.config.windowed:
+            side = _window_budget((h, w), (r_h, r_w), self.window)
+            grid, record = reduce_windows(
+                self.config.method, grid, self.window, side, **self.config.grid_options()
+            )
+        else:
+            grid, record = reduce_grid(
+                self.config.method, grid, (h - r_h, w - r_w), metric=metric,
+                **self.config.grid_options(),
+            )
         if merge_clock.enabled:
             merge_clock.stop(grid.device, started)
         self.records.append(record)
@@ -212,6 +238,32 @@ class GridRun:
             self.state.last_hw = (self.records[0].in_hw, self.records[-1].out_hw)
         else:
             self.state.last_hw = None
+
+
+def _window_budget(hw: tuple[int, int], removal: tuple[int, int], window: int) -> int:
+    """Centroids per window side for a per-window reduction with about the requested budget.
+
+    The grid pads to n windows per axis, each reduced to s x s, so the result is n * s per side:
+    s = round((H - r_h) / n), the nearest whole-window grid to what cubist would keep. Windows
+    are square, so both axes must give the same s.
+    """
+    sides = []
+    for size, r in zip(hw, removal):
+        count = -(-size // window)
+        sides.append(min(window, max(1, round((size - r) / count))))
+    if sides[0] != sides[1]:
+        raise ValueError(
+            f"a per-window reduction keeps square windows, but the removal (r_h, r_w)={removal} "
+            f"on the {hw[0]}x{hw[1]} grid asks for {sides[0]} x {sides[1]} tokens per "
+            f"{window}x{window} window; give one ratio, or r_h and r_w that agree"
+        )
+    if sides[0] == window:
+        raise ValueError(
+            f"the removal (r_h, r_w)={removal} on the {hw[0]}x{hw[1]} grid rounds to "
+            f"{window}x{window} tokens per {window}x{window} window: nothing would be merged; "
+            "ask for more (a larger ratio)"
+        )
+    return sides[0]
 
 
 _ADAPTERS: list[Adapter] = []
@@ -262,6 +314,7 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
     config = MergeConfig.create(method, **options)
     if config.method == "none":
         return model
+    config = config.with_defaults(adapter.expedite_defaults)
     target = adapter.target(model)
     adapter.check(target, config)
     state = PatchState(config, adapter, type(target))

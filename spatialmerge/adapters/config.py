@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from spatialmerge.merging.cubist import (
@@ -12,9 +12,13 @@ from spatialmerge.merging.cubist import (
     ratio_to_r,
     window_aligned_r,
 )
+from spatialmerge.merging.expedite import RECONSTRUCT_RULES
 from spatialmerge.merging.tome import parse_r
 
-METHODS: tuple[str, ...] = ("none", "cubist", "tome", "expedite", "oracle")
+METHODS: tuple[str, ...] = ("none", "cubist", "tome", "expedite", "oracle", "pool")
+EXPEDITE_KEYS: tuple[str, ...] = (
+    "n_iters", "temperature", "window_size", "k", "reconstruct", "windowed"
+)
 METRICS: tuple[str, ...] = ("tokens", "keys", "normed")
 POSITIONS: tuple[str, ...] = ("grid", "centroid")
 ALIGNS: tuple[str, ...] = ("none", "window")
@@ -88,6 +92,8 @@ class MergeConfig:
     metric: str = "tokens"
     positions: str = "grid"
     recover: bool = False
+    # Expedite only: the options the user set; ``None`` values take the backbone's reference
+    # defaults when the model is patched (``with_defaults``).
     expedite: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,15 +118,25 @@ class MergeConfig:
         metric: str = "tokens",
         positions: str = "grid",
         recover: bool = False,
-        n_iters: int = 5,
-        temperature: float = 0.01,
-        window_size: int = 5,
-        k: int | None = 20,
+        n_iters: int | None = None,
+        temperature: float | str | None = None,
+        window_size: int | None = None,
+        k: int | None = None,
+        reconstruct: str | None = None,
+        windowed: bool | None = None,
     ) -> "MergeConfig":
         """Validate keyword arguments as ``spatialmerge.patch`` takes them.
 
-        Grid methods (cubist, expedite, oracle, single-layer tome) take ``loc`` with ``r_h``/``r_w``
-        or ``ratio``, or ``stages``; faithful ToMe takes ``r`` (int, (r, inflection) or a list).
+        Grid methods (cubist, expedite, oracle, pool, single-layer tome) take ``loc`` with
+        ``r_h``/``r_w`` or ``ratio``, or ``stages``; faithful ToMe takes ``r`` (int,
+        (r, inflection) or a list).
+
+        Expedite options left None take the backbone's reference defaults when patching: ViT /
+        DeiT / DINOv3 the CubistMerge authors' DINOv3 port (global clustering, 5 iterations,
+        temperature 0.01, cluster window 5, k 20), SAM Expedit-SAM's (each 14x14 window
+        clustered separately, later window blocks at the reduced window, 3 iterations,
+        temperature 0.1, cluster window 5, k 36); both reconstruct with L2-normalised weights.
+        ``temperature="auto"`` is the scale-free calibrated form.
         """
         _choice("method", method, METHODS)
         _choice("align", align, ALIGNS)
@@ -161,6 +177,23 @@ class MergeConfig:
             raise ValueError(f"{method} merges once; several stages are supported for cubist only")
         if method == "expedite" and metric != "tokens":
             raise ValueError(f"metric={metric!r}: expedite clusters the tokens themselves; use metric=tokens")
+        expedite = dict(
+            n_iters=n_iters, temperature=temperature, window_size=window_size, k=k,
+            reconstruct=reconstruct, windowed=windowed,
+        )
+        if method == "expedite":
+            if reconstruct is not None:
+                _choice("reconstruct", reconstruct, RECONSTRUCT_RULES)
+            if windowed is not None and not isinstance(windowed, bool):
+                raise ValueError(f"windowed={windowed!r} must be true, false or null (the backbone's default)")
+        else:
+            given = [key for key, value in expedite.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} {'is an' if len(given) == 1 else 'are'} Expedite "
+                    f"option{'s' if len(given) > 1 else ''}, not used by method={method!r}; "
+                    "drop it or use method=expedite"
+                )
         return cls(
             method=method,
             stages=parsed,
@@ -170,13 +203,26 @@ class MergeConfig:
             metric=metric,
             positions=positions,
             recover=recover,
-            expedite=dict(n_iters=n_iters, temperature=temperature, window_size=window_size, k=k)
-            if method == "expedite"
-            else {},
+            expedite=expedite if method == "expedite" else {},
         )
+
+    def with_defaults(self, expedite_defaults: dict[str, Any]) -> "MergeConfig":
+        """This config with every unset Expedite option taken from ``expedite_defaults``."""
+        if self.method != "expedite":
+            return self
+        filled = {
+            key: expedite_defaults[key] if self.expedite.get(key) is None else self.expedite[key]
+            for key in EXPEDITE_KEYS
+        }
+        return replace(self, expedite=filled)
+
+    @property
+    def windowed(self) -> bool:
+        """Expedite clusters each attention window separately (Expedit-SAM)."""
+        return bool(self.expedite.get("windowed"))
 
     def grid_options(self) -> dict[str, Any]:
         """Options for ``reduce_grid`` of this config's method."""
         if self.method == "cubist":
             return {"reduce": self.reduce, "collisions": self.collisions}
-        return dict(self.expedite)
+        return {key: value for key, value in self.expedite.items() if key != "windowed"}

@@ -10,7 +10,8 @@ keeps the mask decoder, ``SamPredictor`` and ``SamAutomaticMaskGenerator`` worki
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch.utils.checkpoint
 from segment_anything.modeling import ImageEncoderViT, Sam
@@ -33,13 +34,31 @@ def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> T
     run = getattr(encoder, STATE_ATTR).run(encoder)
     for i, block in enumerate(encoder.blocks):
         x = run.before_block(i, x, block)  # (B, H', W', C) from the merge location on
-        if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
+        with _window_size(block, run.block_window):
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
     x = run.recover(x)  # (B, H, W, C)
     run.finish()
     return x
+
+
+@contextmanager
+def _window_size(block: nn.Module, side: int | None) -> Iterator[None]:
+    """Run a window-attention block with windows of ``side`` (Expedit-SAM: after per-window
+    clustering the grid is tiled in side x side windows). The block is the stock one: its
+    rel-pos tables, sized for the original window, are interpolated by its own ``get_rel_pos``.
+    Global blocks (window 0) and ``side=None`` leave the block as it is."""
+    original = block.window_size
+    if side is None or original == 0:
+        yield
+        return
+    block.window_size = side
+    try:
+        yield
+    finally:
+        block.window_size = original
 
 
 def _sam_encoder_forward(self: ImageEncoderViT, x: Tensor) -> Tensor:
@@ -60,6 +79,12 @@ def _timm_samvit_forward_features(self: VisionTransformerSAM, x: Tensor) -> Tens
 
 
 class _SamFamily(Adapter):
+    # Expedit-SAM's encoder defaults: each 14x14 window clustered on its own.
+    expedite_defaults: dict[str, Any] = {
+        "n_iters": 3, "temperature": 0.1, "window_size": 5, "k": 36, "reconstruct": "l2",
+        "windowed": True,
+    }
+
     def window(self, target: nn.Module) -> int | None:
         sizes = [block.window_size for block in target.blocks if block.window_size > 0]
         return max(sizes) if sizes else None

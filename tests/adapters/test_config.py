@@ -31,7 +31,15 @@ def test_per_layer_tome_schedule_forms():
 def test_none_is_no_merge_and_expedite_keeps_its_options():
     assert MergeConfig.create("none").method == "none"
     config = MergeConfig.create("expedite", loc=2, ratio=0.2, k=5)
-    assert config.grid_options() == {"n_iters": 5, "temperature": 0.01, "window_size": 5, "k": 5}
+    # unset options wait for the backbone's reference defaults, set ones win over them
+    defaults = {"n_iters": 3, "temperature": 0.1, "window_size": 5, "k": 36,
+                "reconstruct": "l2", "windowed": False}
+    filled = config.with_defaults(defaults)
+    assert filled.grid_options() == {"n_iters": 3, "temperature": 0.1, "window_size": 5, "k": 5,
+                                     "reconstruct": "l2"}
+    assert not filled.windowed
+    auto = MergeConfig.create("expedite", loc=2, ratio=0.2, temperature="auto").with_defaults(defaults)
+    assert auto.grid_options()["temperature"] == "auto"
     assert MergeConfig.create("cubist", loc=2, ratio=0.2, reduce="mean").grid_options() == {
         "reduce": "mean",
         "collisions": "exact",
@@ -54,6 +62,10 @@ def test_none_is_no_merge_and_expedite_keeps_its_options():
         (dict(method="cubist", loc=1, ratio=0.1, align="grid"), "align='grid' .* none, window"),
         (dict(method="cubist", loc=1, ratio=0.1, collisions="last"), "collisions='last' .* exact, reference"),
         (dict(method="expedite", loc=1, ratio=0.1, metric="keys"), "clusters the tokens themselves"),
+        (dict(method="expedite", loc=1, ratio=0.1, reconstruct="sum"), "reconstruct='sum' .* l2, softmax"),
+        (dict(method="expedite", loc=1, ratio=0.1, windowed="yes"), "windowed='yes' must be true, false or null"),
+        (dict(method="cubist", loc=1, ratio=0.1, temperature=0.1), "temperature is an Expedite option, not used by method='cubist'"),
+        (dict(method="pool", loc=1, ratio=0.1, k=4, n_iters=2), "n_iters, k are Expedite options"),
         (dict(method="cubist", stages=[(1, 2)], loc=1), "not both"),
         (dict(method="cubist", stages=[(1, 2, 3, 4)]), r"must be \(loc, r_h, r_w\)"),
     ],

@@ -126,13 +126,13 @@ def test_automatic_mask_generator_runs_unchanged_on_a_patched_sam():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["cubist", "tome", "expedite", "oracle"])
+@pytest.mark.parametrize("method", ["cubist", "tome", "expedite", "oracle", "pool"])
 def test_every_grid_method_runs_and_recovers_full_grid(method):
     encoder = tiny_encoder()
     x = torch.randn(2, 3, 256, 256)
-    spatialmerge.patch(encoder, method, loc=1, ratio=0.2, k=4) if method == "expedite" else spatialmerge.patch(
-        encoder, method, loc=1, ratio=0.2
-    )
+    # expedite on the whole grid here; its per-window form (SAM's default) is tested below
+    options = {"k": 4, "windowed": False} if method == "expedite" else {}
+    spatialmerge.patch(encoder, method, loc=1, ratio=0.2, **options)
     out = encoder(x)
     assert out.shape == (2, 32, 16, 16) and torch.isfinite(out).all()
     state = spatialmerge.patch_state(encoder)
@@ -225,3 +225,61 @@ def test_timm_samvit_forward_intermediates_refuses_when_patched():
     spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
     with pytest.raises(NotImplementedError, match="forward_intermediates runs the backbone's own block loop"):
         model.forward_intermediates(torch.randn(1, 3, 64, 64))
+
+
+def _expedit_sam_reference(encoder: ImageEncoderViT, x: torch.Tensor, loc: int, side: int, **options) -> torch.Tensor:
+    """Expedit-SAM's forward written out: each window clustered on its own into side x side
+    centroids, later window blocks built with window ``side``, each window reconstructed before
+    the neck."""
+    import copy
+
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    from spatialmerge.merging import expedite_cluster, expedite_reconstruct
+
+    reference = copy.deepcopy(encoder)
+    window = max(block.window_size for block in reference.blocks)
+    for block in reference.blocks[loc:]:
+        if block.window_size:
+            block.window_size = side
+    t = reference.patch_embed(x) + reference.pos_embed
+    h, w = t.shape[1:3]
+    for i, block in enumerate(reference.blocks):
+        if i == loc:
+            windows, pad_hw = window_partition(t, window)
+            centroids, record = expedite_cluster(windows, (side, side), **options)
+            grid = (pad_hw[0] // window * side, pad_hw[1] // window * side)
+            t = window_unpartition(centroids, side, grid, grid)
+        t = block(t)
+    windows, _ = window_partition(t, side)
+    t = window_unpartition(expedite_reconstruct(windows, record), window, pad_hw, (h, w))
+    return reference.neck(t.permute(0, 3, 1, 2))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("window", "reduced"), [(4, 12), (5, 12)])  # 16x16 in 4x4 windows; padded to 20x20 in 4x4 windows of 5
+def test_expedite_on_sam_is_expedit_sams_per_window_clustering(window, reduced):
+    encoder = tiny_encoder(window=window)
+    x = torch.randn(2, 3, 256, 256)
+    options = dict(n_iters=3, temperature=0.1, window_size=5, k=4, reconstruct="l2")
+    expected = _expedit_sam_reference(encoder, x, 1, 3, **options)
+    spatialmerge.patch(encoder, "expedite", loc=1, ratio=0.25, k=4)  # the rest: SAM's defaults
+    state = spatialmerge.patch_state(encoder)
+    assert state.config.windowed and state.config.grid_options() == options
+    out = encoder(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert state.last_hw == ((16, 16), (reduced, reduced))
+    assert [block.window_size for block in encoder.blocks] == [window, 0, window, 0], "blocks restored"
+
+
+def test_per_window_budget_names_what_it_cannot_do():
+    encoder = tiny_encoder()
+    x = torch.randn(1, 3, 256, 256)
+    with pytest.raises(ValueError, match="square windows.*3 x 2 tokens per 4x4 window"):
+        spatialmerge.patch(encoder, "expedite", loc=1, r_h=4, r_w=8, k=4)
+        encoder(x)
+    with pytest.raises(ValueError, match="rounds to 4x4 tokens per 4x4 window: nothing would be merged"):
+        spatialmerge.patch(encoder, "expedite", loc=1, r_h=1, r_w=1, k=4)
+        encoder(x)
+    spatialmerge.unpatch(encoder)
+    assert [block.window_size for block in encoder.blocks] == [4, 0, 4, 0]

@@ -21,11 +21,14 @@ def test_benchmark_script_writes_every_column(tmp_path):
     assert {suite for suite, _ in rows} == {"sam_b", "deit_b", "dinov3_b"}
     cubist = rows[("sam_b", "cubist 56@1")]
     oracle = rows[("sam_b", "oracle 56@1")]
-    assert cubist["tokens"] == oracle["tokens"] == 49  # 8x8 -> 7x7 at ratio 0.125
+    assert cubist["tokens"] == oracle["tokens"] == 196  # 16x16 -> 14x14 at ratio 0.125
     assert cubist["oracle_speedup"] == oracle["speedup"]
     assert abs(cubist["efficiency"] - cubist["speedup"] / oracle["speedup"]) < 1e-9
     assert 0 < cubist["merge_share"] < 1
-    assert rows[("sam_b", "tome 42@1")]["tokens"] == 25, "single-layer ToMe repeats matching past N/2"
+    assert rows[("sam_b", "tome 42@1")]["tokens"] == 100, "single-layer ToMe repeats matching past N/2"
+    # Expedit-SAM's per-window clustering: 2x2 windows of 8, each to 5x5 for the 10x10 budget
+    assert rows[("sam_b", "expedite 42@1")]["tokens"] == 100
+    assert 0 < rows[("sam_b", "expedite 42@1")]["merge_share"] < 1
     assert rows[("deit_b", "tome r=2")]["merge_share"] is None
     assert "| sam_b | cubist 56@1 |" in done.stdout
     assert payload["setup"]["command"].startswith("python scripts/benchmark.py")
