@@ -121,6 +121,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model: nn.Module = instantiate(cfg.model)
     merge = merge_options(cfg.merge, model_depth(model))
+    if merge is not None and merge["method"] == "expedite":
+        # record the backbone's reference settings that unset options resolve to: what runs
+        defaults = find_adapter(model).expedite_defaults
+        merge = {**merge, **{k: v for k, v in defaults.items() if merge.get(k) is None}}
     notes: list[str] = []
     evaluators = dict(cfg.evaluator)
     if cfg.model.get("checkpoint") is None:

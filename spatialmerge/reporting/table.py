@@ -58,7 +58,9 @@ ACCURACY_METRICS: tuple[tuple[str, str], ...] = (
 BASELINE_METHOD = "none"
 IN_PROCESS_BASELINE = "baseline (in-process)"
 STATUS_NO_RESULTS = "no results"
-_METHOD_ORDER = {BASELINE_METHOD: 0, IN_PROCESS_BASELINE: 0, "cubist": 1, "tome": 2, "expedite": 3, "oracle": 4}
+_METHOD_ORDER = {
+    BASELINE_METHOD: 0, IN_PROCESS_BASELINE: 0, "cubist": 1, "tome": 2, "expedite": 3, "pool": 4, "oracle": 5,
+}
 _MD_ERROR_CHARS = 90
 
 
@@ -115,6 +117,24 @@ def accuracy(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
         if isinstance(value, (int, float)):
             return (evaluator if evaluator == key else f"{evaluator}/{key}"), float(value)
     return None
+
+
+def method_label(merge: Mapping[str, Any] | None) -> str:
+    """The method as a report names it, with the variant that changes what it is: per-layer
+    ToMe vs the single-layer grid form, and which Expedite (temperature, per window or not)."""
+    if not merge:
+        return BASELINE_METHOD
+    method = merge.get("method") or BASELINE_METHOD
+    if method == "tome" and merge.get("r") is not None:
+        return "tome (per layer)"
+    if method == "expedite":
+        parts = [f"t={merge['temperature']}" if merge.get("temperature") is not None else "t=default"]
+        if merge.get("windowed"):
+            parts.append("per window")
+        if merge.get("reconstruct") == "softmax":
+            parts.append("softmax")
+        return f"expedite ({', '.join(parts)})"
+    return method
 
 
 def schedule_text(merge: Mapping[str, Any] | None) -> str:
@@ -179,7 +199,7 @@ def _row(result: Mapping[str, Any]) -> dict[str, Any]:
     row.update(
         status=result.get("status", "failed"),
         model=result.get("model") or (config.get("model") or {}).get("name"),
-        method=method,
+        method=method_label(merge if merge is not None else merge_cfg),
         schedule=schedule_text(merge if merge is not None else merge_cfg),
         run=result.get("_run", ""),
         error=result.get("error") or "",
@@ -257,7 +277,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def _sort_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", row["schedule"] or "")]
-    return (_METHOD_ORDER.get(row["method"], 9), row["method"], numbers, row["schedule"], row["run"])
+    return (_METHOD_ORDER.get(row["method"].split(" ")[0], 9), row["method"], numbers, row["schedule"], row["run"])
 
 
 def build_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
