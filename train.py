@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> None:
         lambda run_dir, logger: run_training(cfg, run_dir, device, logger),
         prepare=prepare,
         user_errors=USER_ERRORS + (TrainingCheckpointError, NonFiniteLossError, TrainingInterrupted),
+        continues_run=lambda cfg: cfg.trainer.get("resume") is not None,
     )
 
 

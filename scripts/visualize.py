@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="any RGB image (png, jpg, ...); default: scikit-image's astronaut photo")
     parser.add_argument("overrides", nargs="*", help="eval.py overrides, e.g. model=sam_b_random merge.loc=3")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}, or X for merge=X)")
+                        help=f"comma-separated merge configs of configs/merge/ (default: {','.join(DEFAULT_METHODS)}, "
+                             "or X for merge=X), e.g. cubist,expedite_auto,pool")
     parser.add_argument("--fidelity", action="store_true",
                         help="add per-patch cosine similarity of merged+recovered vs unmerged features")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image name>_merges.png in the current directory)")
@@ -54,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = [o.split("=", 1)[1] for o in args.overrides if o.startswith("merge=")]
     methods = args.methods.split(",") if args.methods else chosen or list(DEFAULT_METHODS)
+    shared = [o for o in args.overrides if not o.startswith("merge=")]
     try:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=args.overrides)
+            # each method with its own merge config (configs/merge/<name>.yaml, e.g. expedite_auto)
+            # and the schedule overrides shared
+            method_cfgs = [compose(config_name="eval", overrides=[*shared, f"merge={m}"]).merge for m in methods]
         if "none" in methods:
             raise ValueError(
                 f"methods {methods}: merge=none merges nothing to draw; pick e.g. --methods cubist,tome"
@@ -66,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         image = Image.open(args.image)
         torch.manual_seed(cfg.seed)  # the same random weights, and so the same picture, every time
         model = instantiate(cfg.model).to(cfg.device)
-        schedule = merge_options({**cfg.merge, "method": methods[0]}, model_depth(model))
-        merges = [{**schedule, "method": method} for method in methods]
+        depth = model_depth(model)
+        merges = [merge_options(method_cfg, depth) for method_cfg in method_cfgs]
+        schedule = merges[0]
         random = cfg.model.get("checkpoint") is None
         weights = "random weights: the mechanics only" if random else "trained weights"
         title = f"{cfg.model.name} ({weights}) · merge {schedule_text(schedule)} · {args.image.name}"

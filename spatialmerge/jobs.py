@@ -3,13 +3,15 @@ user mistakes, and exit codes that keep multiruns going."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +24,8 @@ from spatialmerge.models import (
     CheckpointNotFoundError,
 )
 from spatialmerge.pipeline import format_summary, instantiate, record
+from spatialmerge.reporting.table import method_label, schedule_text
+from spatialmerge.results import RESULTS_FILE
 
 # Mistakes a user can fix from the message alone: no traceback for these.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -36,24 +40,76 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 Work = Callable[[Path, "RunLogger | None"], dict[str, Any]]
 
 
+def run_name(cfg: DictConfig) -> str:
+    """A short, readable run name: model, method (with its variant) and schedule."""
+    merge = OmegaConf.to_container(cfg.merge, resolve=True) if "merge" in cfg else None
+    parts = [str(cfg.model.get("name")), method_label(merge), schedule_text(merge)]
+    if cfg.task_name not in ("eval",):
+        parts.insert(0, str(cfg.task_name))
+    return " ".join(part for part in parts if part and part != "-")
+
+
+def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as a logger's summary: throughput rows under method-independent keys
+    (``throughput/unmerged/...``, ``throughput/merged/...``, the method being in the config) so
+    a sweep can chart one key across methods; per-round timings and the timing setup, which
+    describe how it was measured rather than what, stay in results.json."""
+    out = dict(metrics)
+    speed = metrics.get("throughput")
+    if isinstance(speed, Mapping):
+        rows = {k: v for k, v in speed.items() if isinstance(v, Mapping) and k != "setup"}
+        renamed: dict[str, Any] = {}
+        for name, row in rows.items():
+            key = "unmerged" if name == "baseline" else "merged" if len(rows) == 2 else name
+            renamed[key] = {k: v for k, v in row.items() if k != "times_ms"}
+        if "seconds" in speed:
+            renamed["seconds"] = speed["seconds"]
+        out["throughput"] = renamed
+    return out
+
+
+class RecordExistsError(FileExistsError):
+    """The run directory already holds another job's results.json."""
+
+
+def _refuse_to_replace(run_dir: Path, continues: bool) -> None:
+    existing = run_dir / RESULTS_FILE
+    if existing.exists() and not continues:
+        raise RecordExistsError(
+            f"{existing} already records another run; a job never overwrites another job's "
+            "record: choose a new directory (leave hydra.run.dir unset for a fresh timestamped "
+            "one), or continue that training run with trainer.resume=auto"
+        )
+
+
 def run_job(
     cfg: DictConfig,
     work: Work,
     prepare: Callable[[Path], Path] | None = None,
     user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+    continues_run: Callable[[DictConfig], bool] = lambda cfg: False,
 ) -> None:
     """Run ``work(run_dir, logger)`` as one Hydra job.
 
     ``prepare(run_dir)`` runs first (e.g. joining torchrun) and may return the directory to use.
-    Whatever happens, rank 0 writes results.json and finishes the logger (a W&B run left open
-    would hang a multirun). A user mistake prints one ``error:`` line (the traceback with
+    A run directory that already holds a results.json is refused before anything is written
+    there, unless ``continues_run(cfg)`` says this job continues that run (a resumed training).
+    Whatever happens after, rank 0 writes results.json and finishes the logger (a W&B run left
+    open would hang a multirun). A user mistake prints one ``error:`` line (the traceback with
     SPATIALMERGE_DEBUG=1) and exits 1 in a single run; a multirun records it and goes on.
+    Ctrl-C is recorded as ``interrupted`` and stops the run (and a multirun) with exit code 130.
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        _refuse_to_replace(run_dir, continues_run(cfg))
+    except RecordExistsError as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
     started, status, error, outcome = time.time(), "failed", None, None
     logger: RunLogger | None = None
+    interrupted = False
     try:
         if prepare is not None:
             run_dir = prepare(run_dir)
@@ -61,13 +117,15 @@ def run_job(
             logger = instantiate(cfg.logger)
             config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
             group = Path(hydra_cfg.sweep.dir).name if multirun else None
-            logger.start(run_dir, config, name=hydra_cfg.job.override_dirname or cfg.task_name, group=group)
+            logger.start(run_dir, config, name=run_name(cfg), group=group)
         outcome = work(run_dir, logger)
         status = "ok"
     except user_errors as err:
         if os.environ.get("SPATIALMERGE_DEBUG"):
             raise
         error = f"{type(err).__name__}: {err}"
+    except KeyboardInterrupt:
+        status, error, interrupted = "interrupted", "interrupted by the user (Ctrl-C)", True
     except Exception as err:  # recorded, then re-raised: a bug deserves its traceback
         error = f"{type(err).__name__}: {err}"
         raise
@@ -75,13 +133,43 @@ def run_job(
         if distributed.is_main():
             payload = record(run_dir, cfg, outcome, status, error, started)
             if logger is not None:
-                logger.summary({"status": status, **payload["metrics"]})
+                if payload.get("schedule") is not None:
+                    logger.update_config({"schedule": payload["schedule"]})
+                logger.summary({"status": status, **summary_metrics(payload["metrics"])})
                 logger.finish(status)
             if status == "ok":
                 print(format_summary(payload))
             print(f"results: {run_dir / 'results.json'}")
         distributed.cleanup()
+    if interrupted:
+        print(f"interrupted: {error}; recorded in {run_dir / RESULTS_FILE}", file=sys.stderr)
+        sys.exit(130)
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         if not multirun:
+            sys.exit(1)
+
+
+class MultirunSummary(Callback):
+    """At the end of a multirun: one line counting the jobs by status, and a non-zero exit when
+    any job did not succeed, so a CI step or a shell ``&&`` sees the failure.
+
+    Registered in ``configs/hydra/default.yaml`` under ``hydra.callbacks``.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        statuses = []
+        for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
+            try:
+                statuses.append(json.loads(path.read_text()).get("status", "failed"))
+            except (OSError, ValueError, AttributeError):
+                statuses.append("unreadable")
+        jobs = len(list(sweep_dir.glob("*/.hydra")))
+        statuses += ["no results"] * max(0, jobs - len(statuses))
+        counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+        ok = counts.pop("ok", 0)
+        others = ", ".join(f"{n} {status}" for status, n in counts.items())
+        print(f"{ok} ok" + (f", {others}" if others else "") + f": run scripts/report.py {sweep_dir}")
+        if others:
             sys.exit(1)

@@ -64,6 +64,17 @@ def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None
     schedule_keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
     schedule = {k: options.pop(k, None) for k in schedule_keys}
     if schedule["r"] is not None:
+        # ratio is every tome config's default; an explicit grid schedule beside r is a config
+        # that would not run as written
+        clash = [k for k in ("loc", "r_h", "r_w", "stages") if schedule[k] not in (None, [], ())]
+        if clash:
+            raise ValueError(
+                f"merge.r={schedule['r']} is per-layer ToMe, which has no grid schedule, but "
+                f"{', '.join(f'merge.{k}={schedule[k]}' for k in clash)} "
+                f"{'is' if len(clash) == 1 else 'are'} set too; unset "
+                f"{'it' if len(clash) == 1 else 'them'} ({' '.join(f'merge.{k}=null' for k in clash)}) "
+                "or drop merge.r for single-layer ToMe on the grid"
+            )
         chosen: dict[str, Any] = {"r": schedule["r"]}
     elif schedule["stages"]:
         chosen = {"stages": schedule["stages"]}
@@ -105,6 +116,10 @@ class EvalContext:
             )
         return self._dataset
 
+    def unmerged_model(self) -> nn.Module:
+        """The model without any merge: the reference an accuracy is reported beside."""
+        return spatialmerge.unpatch(self.model)
+
     def merged_model(self) -> nn.Module:
         """The model with the configured merge applied (unmerged when ``merge`` is None)."""
         spatialmerge.unpatch(self.model)
@@ -125,6 +140,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         # record the backbone's reference settings that unset options resolve to: what runs
         defaults = find_adapter(model).expedite_defaults
         merge = {**merge, **{k: v for k, v in defaults.items() if merge.get(k) is None}}
+    # what the merge resolves to on this model (loc, rows and columns, grids, tokens), checked
+    # before any evaluator spends time
+    schedule = None if merge is None else spatialmerge.describe_schedule(model, **merge)
     notes: list[str] = []
     evaluators = dict(cfg.evaluator)
     if cfg.model.get("checkpoint") is None:
@@ -150,7 +168,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         start = time.perf_counter()
         metrics[name] = evaluator.run(ctx)
         metrics[name]["seconds"] = time.perf_counter() - start
-    return {"merge": merge, "metrics": metrics, "notes": notes}
+    return {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": notes}
 
 
 def record(
@@ -167,6 +185,7 @@ def record(
         "error": error,
         "model": cfg.model.get("name"),
         "merge": None if outcome is None else outcome["merge"],
+        "schedule": None if outcome is None else outcome.get("schedule"),
         "metrics": {} if outcome is None else outcome["metrics"],
         "notes": [] if outcome is None else outcome["notes"],
         "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
@@ -181,6 +200,12 @@ def record(
 def format_summary(payload: Mapping[str, Any]) -> str:
     """A readable text table of a run's results, for the terminal."""
     lines = [f"model: {payload['model']}   merge: {_merge_text(payload['merge'])}"]
+    schedule = payload.get("schedule") or {}
+    for stage in schedule.get("stages", []):
+        lines.append(
+            f"  ran: before block {stage['loc']} {stage['grid_in'][0]}x{stage['grid_in'][1]} -> "
+            f"{stage['grid_out'][0]}x{stage['grid_out'][1]} (r_h={stage['r_h']}, r_w={stage['r_w']})"
+        )
     metrics = payload["metrics"]
     speed = metrics.get("throughput")
     if speed:
@@ -189,15 +214,27 @@ def format_summary(payload: Mapping[str, Any]) -> str:
             f"throughput ({setup['device']}, {setup['dtype']}, batch {setup['batch_size']}, "
             f"median of {setup['iters']}):"
         )
-        header = f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} {'FLOP-ideal':>11}"
+        header = (
+            f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} "
+            f"{'(IQR over rounds)':>18} {'FLOP-ideal':>11}"
+        )
         lines.append(header)
+        noisy = []
         for name, row in speed.items():
             if name in ("setup", "seconds"):
                 continue
             tokens = "-" if row["tokens"] is None else str(row["tokens"])
+            spread = f"{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}" if "speedup_q1" in row else "-"
             lines.append(
                 f"  {name:<10} {tokens:>7} {row['gflops']:>9.1f} {row['img_s']:>9.3f} "
-                f"{row['speedup']:>8.2f}x {row['flop_speedup']:>10.2f}x"
+                f"{row['speedup']:>8.2f}x {spread:>18} {row['flop_speedup']:>10.2f}x"
+            )
+            if row.get("noisy"):
+                noisy.append(name)
+        if noisy:
+            lines.append(
+                f"  warning: the speed-up of {', '.join(noisy)} varies across rounds by more than "
+                "half its gain; time on an idle machine or raise evaluator.throughput.iters"
             )
     for name, values in metrics.items():
         if name == "throughput":

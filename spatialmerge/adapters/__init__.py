@@ -7,6 +7,7 @@ from spatialmerge.adapters import eva, sam, vit  # noqa: F401  (each registers i
 from spatialmerge.adapters.base import (
     Adapter,
     GridRun,
+    describe_schedule,
     PatchState,
     find_adapter,
     patch,
@@ -22,6 +23,7 @@ __all__ = [
     "MergeConfig",
     "PatchState",
     "Stage",
+    "describe_schedule",
     "find_adapter",
     "patch",
     "patch_state",

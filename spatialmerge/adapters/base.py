@@ -54,9 +54,17 @@ class Adapter:
     def depth(self, target: nn.Module) -> int:
         return len(target.blocks)
 
+    def grid_size(self, target: nn.Module) -> tuple[int, int]:
+        """(H, W) patch grid at the model's own input size."""
+        return tuple(int(v) for v in target.patch_embed.grid_size)  # type: ignore[return-value]
+
     def window(self, target: nn.Module) -> int | None:
         """Attention window size, for ``align="window"``; None if the backbone has none."""
         return None
+
+    def has_rope(self, target: nn.Module) -> bool:
+        """Whether token positions come from RoPE, the only case ``positions`` changes."""
+        return False
 
     def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
         """Attention keys of ``block`` for normed tokens (..., C), averaged over heads."""
@@ -84,6 +92,12 @@ class Adapter:
             raise ValueError(
                 f"align='window' needs a windowed backbone, but this {self.name} model has no "
                 "window attention; use align=none"
+            )
+        if config.positions == "centroid" and not self.has_rope(target):
+            raise ValueError(
+                f"positions='centroid' places merged tokens for RoPE, but this {self.name} model "
+                "has no rotary position embedding, so it would change nothing; use "
+                "positions=grid (the default)"
             )
         if config.windowed and self.window(target) is None:
             raise ValueError(
@@ -266,6 +280,55 @@ def _window_budget(hw: tuple[int, int], removal: tuple[int, int], window: int) -
     return sides[0]
 
 
+def default_loc(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``loc`` set to a quarter of the depth where a single grid merge leaves it
+    out (or None): the same default as the configs' ``loc: null``."""
+    single = any(options.get(k) is not None for k in ("ratio", "r_h", "r_w"))
+    if options.get("loc") is None and single and not options.get("stages") and options.get("r") is None:
+        adapter = find_adapter(model)
+        return {**options, "loc": adapter.depth(adapter.target(model)) // 4}
+    return options
+
+
+def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) -> dict[str, Any]:
+    """What ``patch(model, method, **options)`` runs at the model's own input size, resolved.
+
+    For grid schedules: each stage's block, the rows and columns removed and the grid before
+    and after (a ratio and ``align`` turned into numbers, a per-window budget into its whole
+    windows), and the tokens kept; for per-layer ToMe: the tokens merged in each block. This is
+    what results.json records, rather than only the request (``loc: null``, ``ratio``).
+    """
+    adapter = find_adapter(model)
+    target = adapter.target(model)
+    config = MergeConfig.create(method, **default_loc(model, options)).with_defaults(adapter.expedite_defaults)
+    if config.method == "none":
+        return {"method": "none"}
+    adapter.check(target, config)
+    hw = adapter.grid_size(target)
+    described: dict[str, Any] = {"method": config.method, "grid_in": list(hw), "tokens_in": hw[0] * hw[1]}
+    if config.per_layer:
+        schedule = parse_r(adapter.depth(target), config.r)
+        # prefix tokens are never merged, so every merge takes one patch token away
+        described.update(r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule))
+        return described
+    window = adapter.window(target)
+    stages = []
+    for stage in config.stages:
+        r_h, r_w = stage.removal(hw, window, config.align)
+        if config.windowed:
+            side = _window_budget(hw, (r_h, r_w), window)
+            out = tuple(-(-size // window) * side for size in hw)
+        else:
+            out = (hw[0] - r_h, hw[1] - r_w)
+        stages.append({"loc": stage.loc, "r_h": hw[0] - out[0], "r_w": hw[1] - out[1],
+                       "grid_in": list(hw), "grid_out": list(out)})
+        hw = out
+    described.update(stages=stages, grid_out=list(hw), tokens_out=hw[0] * hw[1])
+    if config.method == "expedite":
+        described["expedite"] = dict(config.expedite)
+    return described
+
+
 _ADAPTERS: list[Adapter] = []
 _CLASS_CACHE: dict[tuple[type, str], type] = {}
 
@@ -306,12 +369,13 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
         spatialmerge.patch(deit, "tome", r=8)              # faithful per-layer ToMe
         spatialmerge.patch(sam, "expedite", loc=3, ratio=0.125)
 
-    Patching a patched model replaces the patch; ``method="none"`` is ``unpatch``.
+    Patching a patched model replaces the patch; ``method="none"`` is ``unpatch``. Without
+    ``loc``, a single merge goes before block ``depth // 4`` (as the configs' ``loc: null``).
     See ``MergeConfig.create`` for every option.
     """
     unpatch(model)
     adapter = find_adapter(model)
-    config = MergeConfig.create(method, **options)
+    config = MergeConfig.create(method, **default_loc(model, options))
     if config.method == "none":
         return model
     config = config.with_defaults(adapter.expedite_defaults)

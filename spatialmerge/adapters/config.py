@@ -41,6 +41,15 @@ class Stage:
     def __post_init__(self) -> None:
         if isinstance(self.loc, bool) or not isinstance(self.loc, int) or self.loc < 0:
             raise ValueError(f"loc={self.loc!r} must be a block index >= 0 (merge before that block)")
+        for name in ("r_h", "r_w"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(
+                    f"{name}={value!r} must be a whole number of tokens >= 0 (a row or column "
+                    f"count, never rounded); e.g. merge.{name}=2, or give a ratio"
+                )
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))):
+            raise ValueError(f"ratio={self.ratio!r} must be a number in [0, 0.5), e.g. merge.ratio=0.125")
         by_r = self.r_h is not None or self.r_w is not None
         if by_r and self.ratio is not None:
             raise ValueError(
@@ -62,8 +71,19 @@ class Stage:
             return int(self.r_h), int(self.r_w)
         if align == "window":
             assert window is not None
-            return window_aligned_r(hw, self.ratio, window)
-        return ratio_to_r(hw, self.ratio)
+            removal = window_aligned_r(hw, self.ratio, window)
+        else:
+            removal = ratio_to_r(hw, self.ratio)
+        if removal == (0, 0) and self.ratio > 0:
+            how = f"with align=window (windows of {window}) " if align == "window" else ""
+            raise ValueError(
+                f"ratio={self.ratio} {how}on the {hw[0]}x{hw[1]} grid at loc={self.loc} rounds to "
+                "r_h=r_w=0: nothing would be merged, yet the run would be reported as merged; "
+                f"use a larger ratio (at least {0.5 / min(hw):.3g} per axis"
+                + (f", or enough to reach a multiple of {window}" if align == "window" else "")
+                + ") or set r_h/r_w"
+            )
+        return removal
 
 
 def _as_stage(item: Any) -> Stage:
@@ -73,9 +93,9 @@ def _as_stage(item: Any) -> Stage:
         return Stage(**dict(item))
     values = list(item)
     if len(values) == 3:
-        return Stage(int(values[0]), int(values[1]), int(values[2]))
+        return Stage(*values)
     if len(values) == 2:
-        return Stage(int(values[0]), ratio=float(values[1]))
+        return Stage(values[0], ratio=values[1])
     raise ValueError(f"stage {item!r} must be (loc, r_h, r_w), (loc, ratio) or a dict of those keys")
 
 

@@ -242,6 +242,9 @@ class TimmEvaAdapter(Adapter):
             "forward_intermediates": _eva_forward_intermediates,
         }
 
+    def has_rope(self, target: nn.Module) -> bool:
+        return target.rope is not None
+
     def check(self, target: nn.Module, config: MergeConfig) -> None:
         if config.per_layer:
             raise ValueError(

@@ -19,6 +19,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
+from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.base import (
     STATE_ATTR,
     Adapter,
@@ -79,11 +80,27 @@ def _timm_samvit_forward_features(self: VisionTransformerSAM, x: Tensor) -> Tens
 
 
 class _SamFamily(Adapter):
+    def check(self, target: nn.Module, config: MergeConfig) -> None:
+        if config.per_layer:
+            raise ValueError(
+                "per-layer ToMe (method='tome' with r=...) is not supported on SAM encoders: it "
+                "leaves an unordered token set that window attention and relative positions "
+                "cannot run on; use single-layer ToMe on the grid (method='tome', loc=..., "
+                "ratio=... or r_h/r_w), the paper's baseline for SAM"
+            )
+        super().check(target, config)
+
     # Expedit-SAM's encoder defaults: each 14x14 window clustered on its own.
     expedite_defaults: dict[str, Any] = {
         "n_iters": 3, "temperature": 0.1, "window_size": 5, "k": 36, "reconstruct": "l2",
         "windowed": True,
     }
+
+    def grid_size(self, target: nn.Module) -> tuple[int, int]:
+        if isinstance(target, ImageEncoderViT):  # segment-anything: a square img_size input
+            side = target.img_size // target.patch_embed.proj.kernel_size[0]
+            return side, side
+        return super().grid_size(target)
 
     def window(self, target: nn.Module) -> int | None:
         sizes = [block.window_size for block in target.blocks if block.window_size > 0]

@@ -7,7 +7,7 @@ total into a fresh accumulator, `compute()`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -205,3 +205,15 @@ def segment_agreement(unmerged: Tensor, merged: Tensor, k: int = 6) -> Tensor:
         moved = (torch.nn.functional.normalize(new.float(), dim=1) @ centroids.T).argmax(1)
         scores.append((moved == labels).float().mean())
     return torch.stack(scores)
+
+
+def beside_baseline(
+    merged: Mapping[str, Any], unmerged: Mapping[str, Any], keys: Sequence[str]
+) -> dict[str, Any]:
+    """The merged model's metrics with, for each of ``keys``, the unmerged model's value on the
+    same images (``unmerged_<key>``) and the difference merged - unmerged (``delta_<key>``)."""
+    out = dict(merged)
+    for key in keys:
+        out[f"unmerged_{key}"] = unmerged[key]
+        out[f"delta_{key}"] = merged[key] - unmerged[key]
+    return out

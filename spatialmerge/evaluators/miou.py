@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spatialmerge.data.coco import PROMPTS, CocoInstances, Prompt, collate_list
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
-from spatialmerge.evaluators.metrics import MeanIoU, mask_iou
+from spatialmerge.evaluators.metrics import MeanIoU, beside_baseline, mask_iou
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -34,6 +34,9 @@ class MIoUEvaluator:
         max_images: evaluate at most the dataset's first `max_images` images; None for all.
         num_workers: DataLoader processes decoding images and masks while the model runs.
         progress: show a tqdm bar (on rank 0 only).
+        baseline: in the pipeline, also evaluate the unmerged model on the same images and
+            report ``unmerged_miou`` and ``delta_miou`` (merged - unmerged) beside ``miou``;
+            false skips it (e.g. sweeps that share one ``merge=none`` job).
 
     Under torch.distributed each rank evaluates a disjoint shard of the images and the sums are
     all-reduced, so every rank returns the numbers one process would.
@@ -45,6 +48,7 @@ class MIoUEvaluator:
         max_images: int | None = None,
         num_workers: int = 2,
         progress: bool = True,
+        baseline: bool = True,
     ) -> None:
         if prompt not in PROMPTS:
             raise ValueError(
@@ -62,10 +66,16 @@ class MIoUEvaluator:
         self.max_images = max_images
         self.num_workers = num_workers
         self.progress = progress
+        self.baseline = baseline
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
-        """The pipeline's entry point: evaluate the merged model on the configured dataset."""
-        return self.evaluate(ctx.merged_model(), ctx.dataset(), ctx.device)
+        """The pipeline's entry point: the merged model on the configured dataset, and with
+        ``baseline`` the unmerged one on the same images."""
+        merged = self.evaluate(ctx.merged_model(), ctx.dataset(), ctx.device)
+        if not self.baseline or ctx.merge is None:
+            return merged
+        unmerged = self.evaluate(ctx.unmerged_model(), ctx.dataset(), ctx.device)
+        return beside_baseline(merged, unmerged, ("miou", "miou_per_image"))
 
     def evaluate(
         self, sam: Sam, dataset: CocoInstances, device: str | torch.device = "cpu"

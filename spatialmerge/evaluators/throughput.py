@@ -2,7 +2,9 @@
 
 Variants (the unmerged model and each merged one) are timed alternately in one process, after a
 warm-up, and the median per-batch time is reported, so drift (thermal, other load) hits every
-variant alike. FLOPs come from PyTorch's own flop counter; the FLOP-ideal speed-up next to the
+variant alike. Every timed round is kept: each round gives one speed-up (the unmerged time of
+that round over the variant's), and the speed-up is reported as the median of those with its
+interquartile range, flagged when the spread is large next to the gain being claimed. FLOPs come from PyTorch's own flop counter; the FLOP-ideal speed-up next to the
 measured one shows where memory traffic, not arithmetic, sets the pace.
 """
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import spatialmerge
 from spatialmerge.adapters import patch_state
@@ -26,6 +29,18 @@ if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# A speed-up whose interquartile range is wider than this share of its gain (speed-up - 1) is
+# flagged: the rounds disagree about as much as the claim is worth.
+NOISY_SPREAD = 0.5
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile), linearly interpolated; one value gives it thrice."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -81,13 +96,18 @@ def time_variants(
     iters: int,
     device: torch.device,
     autocast: Any,
+    progress: bool = False,
 ) -> None:
     """Fill each variant's ``times`` with ``iters`` seconds-per-batch, alternating variants."""
     x = make_input()
-    with torch.inference_mode(), autocast:
+    rounds = tqdm(
+        total=warmup + iters, desc=f"timing {len(variants)} variants", unit="round", disable=not progress
+    )
+    with torch.inference_mode(), autocast, rounds:
         for _ in range(warmup):
             for variant in variants:
                 variant.module(x)
+            rounds.update()
         _sync(device)
         for _ in range(iters):
             for variant in variants:
@@ -100,6 +120,7 @@ def time_variants(
                 if device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     variant.peak_memory_mb = max(variant.peak_memory_mb or 0.0, peak)
+            rounds.update()
 
 
 def _tokens(model: nn.Module, unmerged: int) -> int | None:
@@ -123,6 +144,7 @@ class ThroughputEvaluator:
         dtype: ``fp32``, or ``fp16`` / ``bf16`` autocast (CUDA only).
         compile: wrap every variant in ``torch.compile``.
         image_size: input side; None takes the model's own.
+        progress: show a tqdm bar over the timed rounds.
     """
 
     def __init__(
@@ -133,7 +155,10 @@ class ThroughputEvaluator:
         dtype: str = "fp32",
         compile: bool = False,
         image_size: int | None = None,
+        progress: bool = True,
     ) -> None:
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be true or false")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if batch_size < 1 or iters < 1 or warmup < 0:
@@ -146,6 +171,7 @@ class ThroughputEvaluator:
         self.dtype = dtype
         self.compile = compile
         self.image_size = image_size
+        self.progress = progress
 
     def evaluate(
         self,
@@ -156,7 +182,9 @@ class ThroughputEvaluator:
         """Time ``model`` unmerged and with each merge in ``merges`` (name -> patch kwargs).
 
         Returns ``{"baseline": {...}, name: {...}, ...}`` with img_s, ms_per_batch, gflops,
-        tokens, speedup, flop_speedup and peak_memory_mb (CUDA) per variant.
+        tokens, speedup, flop_speedup and peak_memory_mb (CUDA) per variant, plus every timed
+        round (``times_ms``), the speed-up's quartiles over rounds (``speedup_q1``,
+        ``speedup_q3``) and ``noisy`` where their spread is large next to the gain.
         """
         device = torch.device(device)
         if self.dtype != "fp32" and device.type != "cuda":
@@ -190,7 +218,7 @@ class ThroughputEvaluator:
         autocast = (
             torch.autocast(device.type, dtype=DTYPES[self.dtype]) if self.dtype != "fp32" else nullcontext()
         )
-        time_variants(variants, make_input, self.warmup, self.iters, device, autocast)
+        time_variants(variants, make_input, self.warmup, self.iters, device, autocast, self.progress)
         return self._summarise(variants, device)
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
@@ -209,16 +237,22 @@ class ThroughputEvaluator:
 
     def _summarise(self, variants: list[Variant], device: torch.device) -> dict[str, Any]:
         base = variants[0]
-        base_s = statistics.median(base.times)
         results: dict[str, Any] = {}
         for variant in variants:
             seconds = statistics.median(variant.times)
+            # rounds alternate variants, so round i of each was timed under the same conditions
+            per_round = [b / v for b, v in zip(base.times, variant.times)]
+            q1, speedup, q3 = quartiles(per_round)
             results[variant.name] = {
                 "img_s": self.batch_size / seconds,
                 "ms_per_batch": seconds * 1e3,
+                "times_ms": [t * 1e3 for t in variant.times],
                 "gflops": variant.flops / 1e9 / self.batch_size,
                 "tokens": variant.tokens,
-                "speedup": base_s / seconds,
+                "speedup": speedup if variant is not base else 1.0,
+                "speedup_q1": q1,
+                "speedup_q3": q3,
+                "noisy": variant is not base and (q3 - q1) > NOISY_SPREAD * abs(speedup - 1.0),
                 "flop_speedup": base.flops / variant.flops if variant.flops else float("nan"),
                 "peak_memory_mb": variant.peak_memory_mb,
             }

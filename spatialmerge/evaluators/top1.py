@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
-from spatialmerge.evaluators.metrics import Accuracy
+from spatialmerge.evaluators.metrics import Accuracy, beside_baseline
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -25,6 +25,9 @@ class Top1Evaluator:
         num_workers: DataLoader processes decoding and transforming images.
         progress: show a tqdm bar (on rank 0 only).
         ks: which top-k accuracies to report; each k must not exceed the number of classes.
+        baseline: in the pipeline, also evaluate the unmerged model on the same images and
+            report ``unmerged_top<k>`` and ``delta_top<k>`` (merged - unmerged) beside each
+            ``top<k>``; false skips it (e.g. sweeps that share one ``merge=none`` job).
 
     The model is run in eval mode under inference_mode; distilled DeiT models then return the
     average of their two heads' logits, which is what DeiT reports. Under torch.distributed each
@@ -38,6 +41,7 @@ class Top1Evaluator:
         num_workers: int = 4,
         progress: bool = True,
         ks: Sequence[int] = (1, 5),
+        baseline: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"evaluator.top1.batch_size={batch_size} must be >= 1")
@@ -51,12 +55,19 @@ class Top1Evaluator:
         self.num_workers = num_workers
         self.progress = progress
         self.ks = tuple(ks)
+        self.baseline = baseline
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         """The pipeline's entry point: the merged model on the configured dataset, read with the
-        model's own timm evaluation transform."""
+        model's own timm evaluation transform, and with ``baseline`` the unmerged one on the
+        same images (``unmerged_top1``, ``delta_top1``, ... beside ``top1``)."""
         model = ctx.merged_model()
-        return self.evaluate(model, ctx.dataset(transform=eval_transform(model)), ctx.device)
+        dataset = ctx.dataset(transform=eval_transform(model))
+        merged = self.evaluate(model, dataset, ctx.device)
+        if not self.baseline or ctx.merge is None:
+            return merged
+        unmerged = self.evaluate(ctx.unmerged_model(), dataset, ctx.device)
+        return beside_baseline(merged, unmerged, tuple(f"top{k}" for k in self.ks))
 
     def evaluate(
         self, model: nn.Module, dataset: Dataset, device: str | torch.device = "cpu"

@@ -23,6 +23,9 @@ class RunLogger:
     def summary(self, metrics: Mapping[str, Any]) -> None:
         pass
 
+    def update_config(self, values: Mapping[str, Any]) -> None:
+        """Add what is only known once the job ran (e.g. the resolved merge schedule)."""
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         pass
 

@@ -73,6 +73,10 @@ class WandbLogger(RunLogger):
         if self.run is not None:
             self.run.summary.update(flatten(metrics))
 
+    def update_config(self, values: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            self.run.config.update(dict(values), allow_val_change=True)
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is not None:
             import wandb

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import spatialmerge
 from spatialmerge.evaluators.fidelity import dense_features, fidelity_map
 from spatialmerge.evaluators.throughput import input_size
+from spatialmerge.reporting.table import method_label
 
 # Merged cells are tinted and outlined; a patch left on its own keeps the image visible.
 MERGED_ALPHA = 0.5
@@ -181,7 +182,7 @@ def cell_map(model: nn.Module, x: Tensor, merge: Mapping[str, Any]) -> CellMap:
         labels = assignment_grid(assignment, grid_hw, tokens)
     finally:
         spatialmerge.unpatch(model)
-    return CellMap(str(merge["method"]), labels, out_hw, tokens, features)
+    return CellMap(method_label(merge), labels, out_hw, tokens, features)
 
 
 def save_panels(

@@ -127,8 +127,8 @@ def method_label(merge: Mapping[str, Any] | None) -> str:
     method = merge.get("method") or BASELINE_METHOD
     if method == "tome" and merge.get("r") is not None:
         return "tome (per layer)"
-    if method == "expedite":
-        parts = [f"t={merge['temperature']}" if merge.get("temperature") is not None else "t=default"]
+    if method == "expedite" and merge.get("temperature") is not None:
+        parts = [f"t={merge['temperature']}"]
         if merge.get("windowed"):
             parts.append("per window")
         if merge.get("reconstruct") == "softmax":
@@ -226,6 +226,11 @@ def _row(result: Mapping[str, Any]) -> dict[str, Any]:
     found = accuracy(metrics)
     if found is not None:
         row["metric"], row["value"] = found
+        evaluator, _, key = found[0].rpartition("/")
+        # an accuracy evaluator that ran the unmerged model on the same images in this job
+        in_run = metrics.get(evaluator or found[0], {}).get(f"delta_{key}")
+        if isinstance(in_run, (int, float)):
+            row["delta"] = float(in_run)
     return row
 
 
@@ -277,12 +282,14 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def _sort_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", row["schedule"] or "")]
-    return (_METHOD_ORDER.get(row["method"].split(" ")[0], 9), row["method"], numbers, row["schedule"], row["run"])
+    order = _METHOD_ORDER.get(row["method"], _METHOD_ORDER.get(row["method"].split(" ")[0], 9))
+    return (order, row["method"], numbers, row["schedule"], row["run"])
 
 
 def build_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per result (see ``COLUMNS``) plus, per group without a ``merge=none`` job, the
-    in-process reference row; ``delta`` is accuracy minus the group's ``merge=none`` accuracy.
+    in-process reference row; ``delta`` is accuracy minus the unmerged model's: measured in the
+    same job where the evaluator ran both (``delta_<metric>``), else the group's ``merge=none``.
 
     Rows also carry ``group`` (what they are compared within), ``device`` and, when the
     throughput evaluator ran, ``setup``; groups keep their first-seen order, and within a group
@@ -298,7 +305,9 @@ def build_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if reference is not None and reference.get("synthetic"):
             rows = [reference, *rows]
         for row in rows:
-            if reference is not None and row["value"] is not None and reference["value"] is not None:
+            if row["delta"] is not None:
+                pass  # measured against the unmerged model inside the job itself
+            elif reference is not None and row["value"] is not None and reference["value"] is not None:
                 if row["metric"] == reference["metric"]:
                     row["delta"] = row["value"] - reference["value"]
             row["reference"] = row is reference or (
@@ -364,7 +373,8 @@ def write_report(
         f"{len(rows)} rows, {len(failed)} not ok. {describe_setup(rows)}.",
         "",
         "speed-up and FLOP-ideal are against the unmerged model timed in the same process; "
-        "Δ vs none is the accuracy difference to the group's `merge=none` job (blank without one). "
+        "Δ vs none is the accuracy difference to the unmerged model: measured in the same job "
+        "where the evaluator ran both, else to the group's `merge=none` job (blank without either). "
         f"`{IN_PROCESS_BASELINE}` rows stand for the unmerged model where the sweep had no "
         "`merge=none` job.",
         "",

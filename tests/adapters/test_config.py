@@ -68,8 +68,26 @@ def test_none_is_no_merge_and_expedite_keeps_its_options():
         (dict(method="pool", loc=1, ratio=0.1, k=4, n_iters=2), "n_iters, k are Expedite options"),
         (dict(method="cubist", stages=[(1, 2)], loc=1), "not both"),
         (dict(method="cubist", stages=[(1, 2, 3, 4)]), r"must be \(loc, r_h, r_w\)"),
+        (dict(method="cubist", loc=1, r_h=1.5, r_w=1), r"r_h=1.5 must be a whole number of tokens"),
+        (dict(method="cubist", loc=1, r_h=True, r_w=1), r"r_h=True must be a whole number"),
+        (dict(method="cubist", loc=1, r_h=1, r_w=-2), r"r_w=-2 must be a whole number of tokens >= 0"),
+        (dict(method="cubist", stages=[(1, 2.5, 2)]), r"r_h=2.5 must be a whole number"),
+        (dict(method="cubist", loc=1, ratio="abc"), r"ratio='abc' must be a number in \[0, 0.5\)"),
     ],
 )
 def test_bad_requests_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MergeConfig.create(**kwargs)
+
+
+def test_a_ratio_that_rounds_to_nothing_is_refused_not_reported_as_a_merge():
+    stage = MergeConfig.create("cubist", loc=2, ratio=0.05).stages[0]
+    with pytest.raises(ValueError, match=r"ratio=0.05 on the 8x8 grid at loc=2 rounds to r_h=r_w=0.*at least 0.0625"):
+        stage.removal((8, 8), None, "none")
+    assert stage.removal((64, 64), None, "none") == (3, 3)
+    # align=window: 64 at ratio 0.04 would land back on the full grid
+    aligned = MergeConfig.create("cubist", loc=2, ratio=0.04, align="window").stages[0]
+    with pytest.raises(ValueError, match=r"with align=window \(windows of 14\) on the 64x64 grid.*multiple of 14"):
+        aligned.removal((64, 64), 14, "window")
+    # asking for nothing explicitly is fine: r_h=r_w=0 is the identity, by request
+    assert MergeConfig.create("cubist", loc=2, r_h=0, r_w=0).stages[0].removal((8, 8), None, "none") == (0, 0)

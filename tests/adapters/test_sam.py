@@ -283,3 +283,20 @@ def test_per_window_budget_names_what_it_cannot_do():
         encoder(x)
     spatialmerge.unpatch(encoder)
     assert [block.window_size for block in encoder.blocks] == [4, 0, 4, 0]
+
+
+def test_per_layer_tome_is_refused_on_sam_instead_of_running_unmerged():
+    encoder = tiny_encoder()
+    with pytest.raises(ValueError, match="per-layer ToMe .* not supported on SAM encoders.*single-layer ToMe"):
+        spatialmerge.patch(encoder, "tome", r=2)
+    assert spatialmerge.patch_state(encoder) is None
+    with pytest.raises(ValueError, match="positions='centroid' places merged tokens for RoPE.*positions=grid"):
+        spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.25, positions="centroid")
+
+
+@torch.no_grad()
+def test_a_ratio_too_small_for_the_grid_fails_at_the_forward():
+    encoder = tiny_encoder()
+    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.02)  # 16 * 0.02 rounds to 0
+    with pytest.raises(ValueError, match="rounds to r_h=r_w=0: nothing would be merged"):
+        encoder(torch.randn(1, 3, 256, 256))

@@ -387,3 +387,12 @@ def test_forward_intermediates_refuses_instead_of_silently_not_merging():
         model.forward_intermediates(x)
     spatialmerge.unpatch(model)
     assert len(model.forward_intermediates(x, intermediates_only=True)) == 2
+
+
+def test_the_library_defaults_loc_to_a_quarter_of_the_depth_as_the_configs_do():
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=8, num_classes=0).eval()
+    spatialmerge.patch(model, "cubist", ratio=0.25)
+    assert spatialmerge.patch_state(model).config.stages[0].loc == 2
+    assert spatialmerge.describe_schedule(model, "cubist", ratio=0.25)["stages"][0]["loc"] == 2

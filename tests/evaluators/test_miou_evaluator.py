@@ -124,3 +124,19 @@ def test_pipeline_entry_point_runs_the_merged_model_on_the_configured_dataset(
     ctx = EvalContext(tiny_sam, merge=None, device="cpu", dataset_factory=factory)
     result = MIoUEvaluator(num_workers=0, progress=False).run(ctx)
     assert (result["instances"], result["images"]) == (4, 2)
+
+
+def test_the_merged_miou_comes_with_the_unmerged_one_on_the_same_images(
+    coco_root: Path, tiny_sam: Sam
+) -> None:
+    factory = partial(CocoInstances, str(coco_root))
+    merge = {"method": "cubist", "loc": 1, "ratio": 0.25}
+    both = MIoUEvaluator(num_workers=0, progress=False).run(
+        EvalContext(tiny_sam, merge=merge, device="cpu", dataset_factory=factory)
+    )
+    alone = MIoUEvaluator(num_workers=0, progress=False).run(
+        EvalContext(tiny_sam, merge=None, device="cpu", dataset_factory=factory)
+    )
+    assert both["unmerged_miou"] == pytest.approx(alone["miou"])
+    assert both["delta_miou"] == pytest.approx(both["miou"] - alone["miou"])
+    assert both["unmerged_miou_per_image"] == pytest.approx(alone["miou_per_image"])

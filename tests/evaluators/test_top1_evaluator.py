@@ -104,3 +104,26 @@ def test_pipeline_entry_point_reads_images_with_the_models_eval_transform(
     assert result["images"] == 7
     (transform,) = transforms_seen
     assert "CenterCrop(size=(32, 32))" in repr(transform)
+
+
+def test_the_merged_top1_comes_with_the_unmerged_one_on_the_same_images(
+    imagenet_root: Path, tiny_deit: nn.Module
+) -> None:
+    tiny_deit.pretrained_cfg = {**tiny_deit.pretrained_cfg, "input_size": (3, 32, 32)}
+
+    def factory(transform: Callable) -> ImageFolder:
+        return imagenet_dataset(str(imagenet_root), "val", transform=transform)
+
+    merge = {"method": "cubist", "loc": 1, "r_h": 1, "r_w": 1}
+    both = Top1Evaluator(num_workers=0, progress=False, ks=(1, 2)).run(
+        EvalContext(tiny_deit, merge=merge, device="cpu", dataset_factory=factory)
+    )
+    alone = Top1Evaluator(num_workers=0, progress=False, ks=(1, 2)).run(
+        EvalContext(tiny_deit, merge=None, device="cpu", dataset_factory=factory)
+    )
+    assert both["unmerged_top1"] == alone["top1"] and both["unmerged_top2"] == alone["top2"]
+    assert both["delta_top1"] == pytest.approx(both["top1"] - alone["top1"])
+    skipped = Top1Evaluator(num_workers=0, progress=False, ks=(1, 2), baseline=False).run(
+        EvalContext(tiny_deit, merge=merge, device="cpu", dataset_factory=factory)
+    )
+    assert "unmerged_top1" not in skipped and skipped["top1"] == both["top1"]

@@ -123,3 +123,11 @@ def test_merge_schedule_precedence():
 def test_experiment_options_compose(name):
     cfg = compose_eval(f"experiment={name}")
     assert OmegaConf.select(cfg, "model.name")
+
+
+def test_per_layer_r_beside_a_grid_schedule_is_a_config_error():
+    cfg = compose_eval("model=deit_b", "merge=tome", "merge.r=8", "merge.loc=1")
+    with pytest.raises(ValueError, match=r"merge.r=8 is per-layer ToMe.*merge.loc=1 is set too.*merge.loc=null"):
+        merge_options(cfg.merge, 12)
+    cfg = compose_eval("experiment=deit_b_tome")
+    assert merge_options(cfg.merge, 12)["r"] == 6, "the experiment runs as written"

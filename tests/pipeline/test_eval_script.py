@@ -109,3 +109,73 @@ def test_wandb_offline_writes_a_run_directory(tmp_path, mode):
     (path,) = results_files(tmp_path)
     runs = list(path.parent.glob("wandb/offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_results_record_the_resolved_schedule_and_the_timing_spread(tmp_path):
+    done = run_eval(TINY_SAM, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ran: before block 1 8x8 -> 7x7 (r_h=1, r_w=1)" in done.stdout
+    assert "(IQR over rounds)" in done.stdout
+    (path,) = results_files(tmp_path)
+    payload = json.loads(path.read_text())
+    assert payload["schedule"]["stages"] == [
+        {"loc": 1, "r_h": 1, "r_w": 1, "grid_in": [8, 8], "grid_out": [7, 7]}
+    ]
+    assert payload["schedule"]["tokens_out"] == 49
+    row = payload["metrics"]["throughput"]["cubist"]
+    assert len(row["times_ms"]) == 1 and row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"]
+
+
+def test_a_finished_run_directory_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"status": "ok", "metrics": {"train": {"loss": 1.0}}}')
+    before = (run_dir / "results.json").read_text()
+    done = run_eval([*TINY_SAM, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 1
+    assert "already records another run" in done.stderr and "Traceback" not in done.stderr
+    assert (run_dir / "results.json").read_text() == before
+
+
+def test_a_multirun_with_a_failed_job_says_so_and_exits_nonzero(tmp_path):
+    # ratio 0.02 rounds to nothing on the tiny 8x8 grid: that job fails, the other runs
+    done = run_eval(["-m", "merge.ratio=0.125,0.02", *TINY_SAM], tmp_path)
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "1 ok, 1 failed: run scripts/report.py" in done.stdout
+    statuses = sorted(json.loads(p.read_text())["status"] for p in results_files(tmp_path))
+    assert statuses == ["failed", "ok"]
+
+
+def test_the_project_root_anchors_paths_from_any_working_directory(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    import spatialmerge
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="eval")
+    assert spatialmerge.project_root() == str(ROOT)
+    if "SPATIALMERGE_ROOT" not in os.environ:
+        assert cfg.paths.checkpoint_dir == f"{ROOT}/checkpoints"
+
+
+def test_ctrl_c_is_recorded_as_interrupted_with_one_line(tmp_path):
+    import signal
+    import time
+
+    args = [a for a in TINY_SAM if not a.startswith("evaluator.throughput.iters")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    process = subprocess.Popen(
+        [sys.executable, "eval.py", f"paths.root_dir={tmp_path}", *args, "evaluator.throughput.iters=100000"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("logs/eval/runs/*/.hydra")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)  # into the timing loop
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted: interrupted by the user" in stderr
+    (path,) = results_files(tmp_path)
+    payload = json.loads(path.read_text())
+    assert payload["status"] == "interrupted" and payload["error"] == "interrupted by the user (Ctrl-C)"

@@ -228,3 +228,50 @@ def test_wandb_report_runs_against_the_real_client(sweep, tmp_path, monkeypatch,
 def test_an_empty_directory_is_an_error(tmp_path, capsys, report_cli):
     assert report_cli([str(tmp_path)]) == 1
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_method_labels_say_which_variant_ran():
+    from spatialmerge.reporting.table import method_label
+
+    assert method_label(None) == "none"
+    assert method_label({"method": "cubist", "loc": 3, "ratio": 0.1}) == "cubist"
+    assert method_label({"method": "tome", "loc": 3, "ratio": 0.1}) == "tome"
+    assert method_label({"method": "tome", "r": 16}) == "tome (per layer)"
+    assert method_label({"method": "expedite", "temperature": 0.01, "windowed": False}) == "expedite (t=0.01)"
+    assert method_label({"method": "expedite", "temperature": "auto"}) == "expedite (t=auto)"
+    assert method_label({"method": "expedite", "temperature": 0.1, "windowed": True}) == "expedite (t=0.1, per window)"
+
+
+def test_two_expedites_in_one_sweep_stay_two_rows_with_their_own_speed(tmp_path):
+    root = tmp_path / "sweep"
+    for name, temperature in (("0", 0.01), ("1", "auto")):
+        payload = result("expedite", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3)
+        payload["merge"] = {"method": "expedite", "loc": 3, "ratio": 0.125, "temperature": temperature}
+        write(root, name, payload)
+    rows = [r for r in build_rows(collect_results(root)) if r["method"].startswith("expedite")]
+    assert sorted(r["method"] for r in rows) == ["expedite (t=0.01)", "expedite (t=auto)"]
+    assert all(r["speedup"] == 1.2 and r["tokens"] == 3136 for r in rows)
+
+
+def test_logger_summaries_use_method_independent_keys_and_short_names():
+    from omegaconf import OmegaConf
+
+    from spatialmerge.jobs import run_name, summary_metrics
+
+    metrics = {"throughput": {"baseline": {"speedup": 1.0, "times_ms": [1.0]}, "tome": {"speedup": 1.3, "times_ms": [2.0]},
+                              "setup": {"iters": 3}}, "fidelity": {"feature_cosine": 0.9}}
+    summary = summary_metrics(metrics)
+    assert summary["throughput"] == {"unmerged": {"speedup": 1.0}, "merged": {"speedup": 1.3}}
+    assert summary["fidelity"] == {"feature_cosine": 0.9}
+    cfg = OmegaConf.create({"task_name": "eval", "model": {"name": "sam_b"},
+                            "merge": {"method": "tome", "loc": 3, "ratio": 0.125, "r": None}})
+    assert run_name(cfg) == "sam_b tome loc=3 ratio=0.125"
+
+
+def test_an_in_run_baseline_gives_the_delta_without_a_merge_none_job(tmp_path):
+    root = tmp_path / "sweep"
+    payload = result("cubist", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3)
+    payload["metrics"]["miou"].update(unmerged_miou=61.5, delta_miou=-1.5)
+    write(root, "0", payload)
+    (row,) = [r for r in build_rows(collect_results(root)) if r["method"] == "cubist"]
+    assert row["value"] == 60.0 and row["delta"] == -1.5

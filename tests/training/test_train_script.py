@@ -115,3 +115,16 @@ def test_a_diverging_run_stops_with_one_clear_message(colour_imagenet: Path, tmp
     assert "NonFiniteLossError" in done.stderr and "Lower trainer.lr" in done.stderr
     (path,) = results(tmp_path)
     assert json.loads(path.read_text())["status"] == "failed"
+
+
+def test_training_into_a_finished_run_without_resume_leaves_its_record_alone(
+    single_process: Path, colour_imagenet: Path, tmp_path: Path
+):
+    record = single_process / "results.json"
+    before = record.read_text()
+    again = run_train_script(
+        [*TINY_RUN, f"dataset.root={colour_imagenet}", f"hydra.run.dir={single_process}"], tmp_path
+    )
+    assert again.returncode == 1
+    assert "already records another run" in again.stderr and "trainer.resume=auto" in again.stderr
+    assert record.read_text() == before, "the finished run's record was rewritten"
