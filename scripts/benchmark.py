@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from spatialmerge.distributed import resolve_device
 from spatialmerge.evaluators.benchmark import default_suites, format_rows, run_suite
 from spatialmerge.results import environment, write_json_atomic
 
@@ -30,6 +31,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random architectures (seconds, for checks)")
     parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
     args = parser.parse_args()
+    for name in ("warmup", "iters", "batch_size"):
+        value, low = getattr(args, name), 0 if name == "warmup" else 1
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} {value} must be >= {low}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err).replace("device=", "--device "))
+    if args.dtype != "fp32" and device.type != "cuda":
+        parser.error(f"--dtype {args.dtype} is CUDA autocast; on {device.type} use --dtype fp32")
 
     suites = default_suites(tiny=args.tiny, batch_size=args.batch_size)
     chosen = [name.strip() for name in args.suites.split(",") if name.strip()]

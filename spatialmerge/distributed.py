@@ -108,3 +108,25 @@ def cleanup() -> None:
     """Leave the process group, if one was joined; safe to call always (e.g. in `finally`)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a device this machine has, or one clear
+    error naming the value and the fix (rather than a driver traceback at the first ``.to``)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device

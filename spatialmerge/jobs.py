@@ -40,6 +40,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 Work = Callable[[Path, "RunLogger | None"], dict[str, Any]]
 
 
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` of a user mistake. A DataLoader worker re-raises it with the worker's
+    traceback folded into the message; its last line is the original ``Type: message``."""
+    text = str(err)
+    if "Original Traceback" in text:
+        return text.strip().splitlines()[-1]
+    return f"{type(err).__name__}: {text}"
+
+
 def run_name(cfg: DictConfig) -> str:
     """A short, readable run name: model, method (with its variant) and schedule."""
     merge = OmegaConf.to_container(cfg.merge, resolve=True) if "merge" in cfg else None
@@ -123,7 +132,7 @@ def run_job(
     except user_errors as err:
         if os.environ.get("SPATIALMERGE_DEBUG"):
             raise
-        error = f"{type(err).__name__}: {err}"
+        error = _one_line(err)
     except KeyboardInterrupt:
         status, error, interrupted = "interrupted", "interrupted by the user (Ctrl-C)", True
     except Exception as err:  # recorded, then re-raised: a bug deserves its traceback
@@ -147,6 +156,32 @@ def run_job(
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         if not multirun:
+            sys.exit(1)
+
+
+class RecordGuard(Callback):
+    """Refuses, before Hydra writes anything, a run directory (or a sweep directory) that
+    already holds another job's results.json: Hydra saves ``.hydra/config.yaml`` there before
+    the job starts, which would already replace the finished run's record of its config.
+
+    Registered in ``configs/hydra/default.yaml`` under ``hydra.callbacks``.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._guard(Path(config.hydra.run.dir), config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        found = sorted(Path(config.hydra.sweep.dir).glob(f"*/{RESULTS_FILE}"))
+        if found:
+            self._guard(found[0].parent, config)
+
+    @staticmethod
+    def _guard(run_dir: Path, config: DictConfig) -> None:
+        trainer = config.get("trainer") or {}
+        try:
+            _refuse_to_replace(run_dir, trainer.get("resume") is not None)
+        except RecordExistsError as err:
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
             sys.exit(1)
 
 

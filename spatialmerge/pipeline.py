@@ -87,6 +87,15 @@ def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None
     return {"method": method, **chosen, **options}
 
 
+def with_backbone_defaults(model: nn.Module, merge: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``merge`` with the Expedite options it leaves unset filled in from the backbone's reference
+    settings, so a record (or a picture's title) says what runs, not only what was asked."""
+    if merge is None or merge["method"] != "expedite":
+        return merge
+    defaults = find_adapter(model).expedite_defaults
+    return {**merge, **{k: v for k, v in defaults.items() if merge.get(k) is None}}
+
+
 @dataclass
 class EvalContext:
     """Everything an evaluator may need; the dataset is built on first use only.
@@ -133,13 +142,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     Returns ``{"merge": resolved patch kwargs, "metrics": {evaluator: {...}}, "notes": [...]}``.
     """
+    distributed.resolve_device(str(cfg.device))  # before seconds go into building a model
     torch.manual_seed(cfg.seed)
     model: nn.Module = instantiate(cfg.model)
-    merge = merge_options(cfg.merge, model_depth(model))
-    if merge is not None and merge["method"] == "expedite":
-        # record the backbone's reference settings that unset options resolve to: what runs
-        defaults = find_adapter(model).expedite_defaults
-        merge = {**merge, **{k: v for k, v in defaults.items() if merge.get(k) is None}}
+    merge = with_backbone_defaults(model, merge_options(cfg.merge, model_depth(model)))
     # what the merge resolves to on this model (loc, rows and columns, grids, tokens), checked
     # before any evaluator spends time
     schedule = None if merge is None else spatialmerge.describe_schedule(model, **merge)

@@ -196,9 +196,12 @@ class GridRun:
         return i in self.stages
 
     def before_block(self, i: int, grid: Tensor, block: nn.Module) -> Tensor:
-        """(B, H, W, C) -> (B, H', W', C) if a stage is scheduled before block ``i``."""
+        """(B, H, W, C) -> (B, H', W', C) if a stage is scheduled before block ``i``.
+
+        An empty batch passes through: there is nothing to merge, and the unpatched model
+        returns an empty batch of the full grid too."""
         stage = self.stages.get(i)
-        if stage is None:
+        if stage is None or grid.shape[0] == 0:
             return grid
         h, w = grid.shape[1:3]
         r_h, r_w = stage.removal((h, w), self.window, self.config.align)
@@ -356,8 +359,26 @@ def find_adapter(model: nn.Module) -> Adapter:
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, adapter.name)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), dict(adapter.overrides()))
+        methods = {**adapter.overrides(), "__reduce_ex__": _reduce_patched}
+        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), methods)
     return _CLASS_CACHE[key]
+
+
+def _reduce_patched(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    """Pickle a patched module as its original class plus its patch, so ``torch.save(model)``,
+    ``pickle`` and ``copy.deepcopy`` work although the generated class has no importable name;
+    loading re-applies the patch."""
+    state = getattr(self, STATE_ATTR)
+    attributes = {k: v for k, v in self.__dict__.items() if k != STATE_ATTR}
+    return _restore_patched, (state.original_class, attributes, state)
+
+
+def _restore_patched(original_class: type, attributes: dict[str, Any], state: PatchState) -> nn.Module:
+    module = original_class.__new__(original_class)
+    module.__dict__.update(attributes)
+    module.__class__ = _patched_class(original_class, state.adapter)
+    setattr(module, STATE_ATTR, state)
+    return module
 
 
 def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:

@@ -197,6 +197,16 @@ class MergeConfig:
             raise ValueError(f"{method} merges once; several stages are supported for cubist only")
         if method == "expedite" and metric != "tokens":
             raise ValueError(f"metric={metric!r}: expedite clusters the tokens themselves; use metric=tokens")
+        if method in ("oracle", "pool") and metric != "tokens":
+            raise ValueError(f"metric={metric!r} is not used by method={method!r}, which matches nothing; drop it")
+        if method != "cubist":
+            unused = [f"{k}={v!r}" for k, v, default in (("reduce", reduce, "maxmag"), ("collisions", collisions, "exact"))
+                      if v != default]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)}: CubistMerge options, not used by method={method!r}; drop "
+                    f"{'it' if len(unused) == 1 else 'them'} or use method=cubist"
+                )
         expedite = dict(
             n_iters=n_iters, temperature=temperature, window_size=window_size, k=k,
             reconstruct=reconstruct, windowed=windowed,

@@ -4,11 +4,13 @@ and the photographs bundled with scikit-image."""
 from spatialmerge.data.coco import CocoInstances, collate_list, mask_interior_point
 from spatialmerge.data.errors import DatasetLayoutError
 from spatialmerge.data.folder import ImageFolderUnlabeled
+from spatialmerge.data.images import CorruptImageError, load_rgb
 from spatialmerge.data.imagenet import eval_transform, imagenet_dataset
 from spatialmerge.data.photos import PHOTOS, SkimagePhotos
 
 __all__ = [
     "CocoInstances",
+    "CorruptImageError",
     "DatasetLayoutError",
     "ImageFolderUnlabeled",
     "PHOTOS",
@@ -16,5 +18,6 @@ __all__ = [
     "collate_list",
     "eval_transform",
     "imagenet_dataset",
+    "load_rgb",
     "mask_interior_point",
 ]

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy.ndimage import distance_transform_edt
 from torch.utils.data import Dataset
 
 from spatialmerge.data.errors import DatasetLayoutError
+from spatialmerge.data.images import load_rgb
 
 Prompt = Literal["box", "point"]
 PROMPTS: tuple[str, ...] = ("box", "point")
@@ -186,8 +186,7 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        with Image.open(record.path) as pil:
-            image = np.asarray(pil.convert("RGB"))  # (H, W, 3) uint8
+        image = np.asarray(load_rgb(record.path))  # (H, W, 3) uint8
         if image.shape[:2] != (record.height, record.width):
             raise _layout_error(
                 f"{record.path} is {image.shape[1]}x{image.shape[0]} (WxH) but its annotation "

@@ -6,10 +6,10 @@ import os
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from spatialmerge.data.errors import DatasetLayoutError
+from spatialmerge.data.images import load_rgb
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -48,8 +48,7 @@ class ImageFolderUnlabeled(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Any:
-        with Image.open(os.path.join(self.root, self.paths[index])) as pil:
-            rgb = pil.convert("RGB")
+        rgb = load_rgb(os.path.join(self.root, self.paths[index]))
         if self.transform is not None:
             return self.transform(rgb)
         return np.asarray(rgb)  # (H, W, 3) uint8

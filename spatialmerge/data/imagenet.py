@@ -20,6 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from spatialmerge.data.errors import DatasetLayoutError
+from spatialmerge.data.images import load_rgb
 
 SPLITS: tuple[str, ...] = ("val", "train")
 
@@ -64,7 +65,7 @@ def imagenet_dataset(
     if not any(e.is_dir() for e in entries):
         raise _layout_error(f"{split_dir} has no class folders", root, split)
     try:
-        return ImageFolder(split_dir, transform=transform)
+        return ImageFolder(split_dir, transform=transform, loader=load_rgb)
     except FileNotFoundError as err:  # class folders present but with no image in them
         raise _layout_error(f"{split_dir}: {err}", root, split) from err
 

@@ -89,7 +89,8 @@ def default_suites(tiny: bool = False, batch_size: int | None = None) -> dict[st
         "deit_b": Suite("deit_b", batch_size or (4 if tiny else 32), deit, deit_oracle, dict(TINY["vit"]) if tiny else {}),
         "dinov3_b": Suite(
             "dinov3_b", batch_size or (4 if tiny else 32), dino, dino_oracle,
-            {**TINY["vit"], "img_size": 64} if tiny else {"img_size": 224},
+            # 8x8 patches: ratio 0.1 must still remove a row and a column
+            {**TINY["vit"], "img_size": 128} if tiny else {"img_size": 224},
         ),
     }
 

@@ -94,9 +94,16 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     if path.exists():
         try:
-            return json.loads(path.read_text())
+            payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             return {"status": "failed", "error": f"unreadable {path}: {err}", "config": {}}
+        if not isinstance(payload, dict):
+            return {
+                "status": "failed",
+                "error": f"unreadable {path}: it holds a JSON {type(payload).__name__}, not a run record",
+                "config": {},
+            }
+        return payload
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     try:
         # Resolved like results.json's config, so the job lands in the same group as its siblings.
@@ -358,6 +365,50 @@ def describe_setup(rows: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The sweep at a glance: one line per method, one column per schedule, each cell
+    ``accuracy / speed-up`` (``speed-up`` alone without an accuracy). Empty when fewer than two
+    schedules or methods share the table, or no row succeeded.
+
+    Only successful rows of the first group take part; a schedule a method did not run is ``-``.
+    """
+    ok = [r for r in rows if r["status"] == "ok" and not r.get("reference")]
+    if not ok:
+        return ""
+    group = ok[0]["group"]
+    ok = [r for r in ok if r["group"] == group]
+    methods = list(dict.fromkeys(r["method"] for r in sorted(ok, key=_sort_key)))
+    grid = [r for r in ok if r["schedule"].startswith("loc=")]
+    schedules = sorted(dict.fromkeys(r["schedule"] for r in grid), key=lambda text: [
+        float(part) if part.replace(".", "", 1).isdigit() else part for part in re.split(r"[= ]", text)
+    ])
+    if len(methods) < 2 or not schedules:
+        return ""
+    cells: dict[tuple[str, str], str] = {}
+    for row in grid:
+        speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
+        value = f"{row['value']:.3f} / " if row.get("value") is not None else ""
+        cells[(row["method"], row["schedule"])] = value + speed
+    header = "| method | " + " | ".join(schedules) + " |"
+    lines = [header, "|---" * (len(schedules) + 1) + "|"]
+    for method in methods:
+        if any((method, schedule) in cells for schedule in schedules):
+            lines.append(f"| {method} | " + " | ".join(cells.get((method, s), "-") for s in schedules) + " |")
+    others = [r for r in ok if not r["schedule"].startswith("loc=")]
+    for row in sorted(others, key=_sort_key):
+        speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
+        value = f"{row['value']:.3f} / " if row.get("value") is not None else ""
+        lines.append(f"| {row['method']} {row['schedule']} | {value}{speed} |" + " |" * (len(schedules) - 1))
+    return "\n".join(lines)
+
+
+def _sources_text(sources: Sequence[Path | str]) -> str:
+    names = [str(source) for source in sources]
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{', '.join(names[:2])}, ... ({len(names)} directories, the last {names[-1]})"
+
+
 def write_report(
     rows: Sequence[Mapping[str, Any]], out_dir: Path, sources: Sequence[Path | str], plot: str | None = None
 ) -> tuple[Path, Path]:
@@ -369,7 +420,7 @@ def write_report(
     lines = [
         "# Sweep report",
         "",
-        f"Source: {', '.join(str(s) for s in sources)}  ",
+        f"Source: {_sources_text(sources)}  ",
         f"{len(rows)} rows, {len(failed)} not ok. {describe_setup(rows)}.",
         "",
         "speed-up and FLOP-ideal are against the unmerged model timed in the same process; "
@@ -381,6 +432,16 @@ def write_report(
         markdown_table(rows),
         "",
     ]
+    pivot = pivot_markdown(rows)
+    if pivot:
+        metric = next((r["metric"] for r in rows if r.get("metric")), None)
+        lines[6:6] = [
+            "",
+            "At a glance: " + (f"{metric} / speed-up" if metric else "speed-up") + " per method and schedule.",
+            "",
+            pivot,
+            "",
+        ]
     if plot:
         lines += [f"![Pareto plot]({plot})", ""]
     md_path = out_dir / "report.md"

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import random
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import spatialmerge
 from spatialmerge import distributed
@@ -33,14 +35,7 @@ def setup_device(name: str) -> torch.device:
     """Resolve ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``) and, when started by
     torchrun, join its process group: NCCL on CUDA (each process on GPU ``LOCAL_RANK``), gloo on
     CPU. ``auto`` is CUDA when available. Processes other than rank 0 then log warnings only."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu")
+    device = distributed.resolve_device(name)
     joined = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
@@ -65,6 +60,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Trainer keys that may change when a run is resumed: how it is run, not what it computes.
+RESUMABLE_KEYS = (
+    "resume", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "stop_after_steps",
+)
+
+
+def run_identity(cfg: DictConfig, merge: dict[str, Any] | None) -> dict[str, Any]:
+    """What a training run computes: model, weights, merge, data and every trainer setting that
+    changes the result. A resume with different values would record a config the run never used."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    identity = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_KEYS and k != "_target_"}
+    identity.update({
+        "model.name": cfg.model.get("name"),
+        "model.checkpoint": cfg.model.get("checkpoint"),
+        "merge": merge,
+        "dataset.root": cfg.dataset.get("root"),
+    })
+    return json.loads(json.dumps(identity, default=str))
 
 
 def run_training(
@@ -94,7 +109,7 @@ def run_training(
     train_set = dataset(split="train", transform=train_transform(model, settings))
     val = dataset(split="val", transform=eval_transform(model))  # a missing split fails before training
     seed_everything(settings.seed + distributed.rank())  # mixup and dropout differ per process
-    result = Trainer(settings, run_dir, device, logger).fit(model, train_set)
+    result = Trainer(settings, run_dir, device, logger, identity=run_identity(cfg, merge)).fit(model, train_set)
 
     metrics: dict[str, Any] = {"train": result.metrics}
     candidates = {"": result.model} if result.ema is None else {"": result.model, "_ema": result.ema}

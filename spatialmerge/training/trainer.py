@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -86,9 +86,17 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, run_dir: Path, device: torch.device, logger: RunLogger | None = None
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        device: torch.device,
+        logger: RunLogger | None = None,
+        identity: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        # what the run computes (model, merge, recipe); saved in every checkpoint, and a resume
+        # that would change it is refused
+        self.identity = dict(identity or {})
         self.checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
         self.device = torch.device(device)
         self.logger = logger
@@ -321,6 +329,7 @@ class Trainer:
             "epoch": step // plan["updates_per_epoch"],
             "step_in_epoch": step % plan["updates_per_epoch"],
             "plan": dict(plan),
+            "identity": self.identity,
             "rng": gathered,
         }
         save_checkpoint(self.checkpoint_dir / checkpoint_name(step), payload)
@@ -362,6 +371,19 @@ class Trainer:
                     f"it belongs to a different schedule ({changed}); the global batch (per-process "
                     "batch x processes x accum_steps), the training split and trainer.epochs / "
                     "max_steps must stay the same to continue a run",
+                )
+            saved_identity = payload.get("identity") or {}
+            changed = [
+                f"{k} {saved_identity.get(k)!r} -> {v!r}"
+                for k, v in self.identity.items()
+                if k in saved_identity and saved_identity[k] != v
+            ]
+            if changed:
+                raise TrainingCheckpointError(
+                    path,
+                    f"it was written by a run with other settings ({'; '.join(changed)}); a resumed "
+                    "run must compute what it started computing, or its record would describe a "
+                    "config it never used",
                 )
             parts["optimizer"].load_state_dict(payload["optimizer"])
             parts["scheduler"].load_state_dict(payload["scheduler"])

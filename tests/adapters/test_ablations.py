@@ -82,7 +82,7 @@ def test_reference_collisions_change_the_merge_when_sources_collide():
 
 
 @torch.no_grad()
-def test_centroid_positions_change_dinov3_but_not_non_rope_families():
+def test_centroid_positions_change_dinov3_and_are_refused_without_rope():
     model = dinov3()
     x = torch.randn(1, 3, 96, 96)
     spatialmerge.patch(model, "cubist", loc=1, r_h=2, r_w=2, positions="grid")
@@ -90,23 +90,25 @@ def test_centroid_positions_change_dinov3_but_not_non_rope_families():
     spatialmerge.patch(model, "cubist", loc=1, r_h=2, r_w=2, positions="centroid")
     assert not torch.allclose(model.forward_features(x), grid)
     encoder = sam_encoder()
-    x = torch.randn(1, 3, 128, 128)
     spatialmerge.patch(encoder, "cubist", loc=1, r_h=2, r_w=2, positions="grid")
-    a = encoder(x)
-    spatialmerge.patch(encoder, "cubist", loc=1, r_h=2, r_w=2, positions="centroid")
-    assert torch.equal(encoder(x), a), "SAM has no RoPE: positions do not apply"
+    with pytest.raises(ValueError, match="positions='centroid' places merged tokens for RoPE.*would change nothing"):
+        spatialmerge.patch(encoder, "cubist", loc=1, r_h=2, r_w=2, positions="centroid")
 
 
 @torch.no_grad()
 def test_window_alignment_changes_the_reduced_grid_on_sam_only():
     encoder = sam_encoder()
     x = torch.randn(1, 3, 128, 128)
+    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.4, align="window")
+    encoder(x)
+    assert spatialmerge.patch_state(encoder).last_hw[1] == (4, 4), "8x8 with 4x4 windows: 5 would pad to 8"
+    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.4)
+    encoder(x)
+    assert spatialmerge.patch_state(encoder).last_hw[1] == (5, 5)
+    # 8 -> 7 would pad back to 8, so alignment lands on the full grid: refused, not run unmerged
     spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.15, align="window")
-    encoder(x)
-    assert spatialmerge.patch_state(encoder).last_hw[1] == (8, 8), "8x8 with 4x4 windows: 7 would pad to 8"
-    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.15)
-    encoder(x)
-    assert spatialmerge.patch_state(encoder).last_hw[1] == (7, 7)
+    with pytest.raises(ValueError, match="with align=window .* rounds to r_h=r_w=0"):
+        encoder(x)
     with pytest.raises(ValueError, match="align='window' needs a windowed backbone"):
         spatialmerge.patch(deit(), "cubist", loc=1, ratio=0.15, align="window")
 

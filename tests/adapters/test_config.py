@@ -66,6 +66,8 @@ def test_none_is_no_merge_and_expedite_keeps_its_options():
         (dict(method="expedite", loc=1, ratio=0.1, windowed="yes"), "windowed='yes' must be true, false or null"),
         (dict(method="cubist", loc=1, ratio=0.1, temperature=0.1), "temperature is an Expedite option, not used by method='cubist'"),
         (dict(method="pool", loc=1, ratio=0.1, k=4, n_iters=2), "n_iters, k are Expedite options"),
+        (dict(method="tome", loc=1, ratio=0.1, reduce="mean"), "reduce='mean': CubistMerge options, not used by method='tome'"),
+        (dict(method="oracle", loc=1, ratio=0.1, metric="keys"), "metric='keys' is not used by method='oracle'"),
         (dict(method="cubist", stages=[(1, 2)], loc=1), "not both"),
         (dict(method="cubist", stages=[(1, 2, 3, 4)]), r"must be \(loc, r_h, r_w\)"),
         (dict(method="cubist", loc=1, r_h=1.5, r_w=1), r"r_h=1.5 must be a whole number of tokens"),

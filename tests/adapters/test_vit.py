@@ -396,3 +396,30 @@ def test_the_library_defaults_loc_to_a_quarter_of_the_depth_as_the_configs_do():
     spatialmerge.patch(model, "cubist", ratio=0.25)
     assert spatialmerge.patch_state(model).config.stages[0].loc == 2
     assert spatialmerge.describe_schedule(model, "cubist", ratio=0.25)["stages"][0]["loc"] == 2
+
+
+@torch.no_grad()
+def test_a_patched_model_saves_pickles_and_copies_with_its_patch(tmp_path):
+    import copy
+    import pickle
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
+    expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for clone in (loaded, pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert spatialmerge.patch_state(clone).config == spatialmerge.patch_state(model).config
+        assert torch.equal(clone(x), expected)
+        assert type(spatialmerge.unpatch(clone)) is type(spatialmerge.unpatch(copy.deepcopy(clone)))
+    assert type(spatialmerge.unpatch(loaded)).__name__ == "VisionTransformer"
+
+
+@torch.no_grad()
+def test_an_empty_batch_gives_what_the_unpatched_model_gives():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    empty = torch.empty(0, 3, 64, 64)
+    expected = model(empty)
+    spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
+    assert model(empty).shape == expected.shape == (0, 10)

@@ -53,3 +53,34 @@ def test_empty_folder_raises(tmp_path: Path) -> None:
 def test_missing_folder_raises(tmp_path: Path) -> None:
     with pytest.raises(DatasetLayoutError, match=re.escape(str(tmp_path / "nope"))):
         ImageFolderUnlabeled(str(tmp_path / "nope"))
+
+
+def test_a_truncated_or_fake_image_is_named_in_one_line(tmp_path):
+    from PIL import Image
+
+    from spatialmerge.data import CorruptImageError, ImageFolderUnlabeled
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / "good.png")
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "fake.jpg").write_text("not an image at all")
+    dataset = ImageFolderUnlabeled(str(tmp_path))
+    assert dataset[dataset.paths.index("good.png")].shape == (32, 32, 3)
+    for name in ("cut.png", "fake.jpg"):
+        with pytest.raises(CorruptImageError, match=f"cannot read image .*{name}.*replace or remove the file"):
+            dataset[dataset.paths.index(name)]
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from spatialmerge.data import load_rgb
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63000
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # PIL stores uint16 as mode I;16
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = np.asarray(load_rgb(tmp_path / "deep.png"))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    expected = np.round(ramp * 255.0 / 65535).astype(np.uint8)
+    assert (rgb[..., 0] == expected).all() and (rgb[..., 0] < 250).mean() > 0.9

@@ -32,3 +32,24 @@ def test_benchmark_script_writes_every_column(tmp_path):
     assert rows[("deit_b", "tome r=2")]["merge_share"] is None
     assert "| sam_b | cubist 56@1 |" in done.stdout
     assert payload["setup"]["command"].startswith("python scripts/benchmark.py")
+
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["--iters", "0"], "--iters 0 must be >= 1"),
+        (["--dtype", "fp16"], "--dtype fp16 is CUDA autocast; on cpu use --dtype fp32"),
+        (["--device", "cuda:7"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_any_timing(args, message):
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", *args],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr and "benchmarking" not in done.stdout

@@ -114,7 +114,7 @@ def test_the_merged_top1_comes_with_the_unmerged_one_on_the_same_images(
     def factory(transform: Callable) -> ImageFolder:
         return imagenet_dataset(str(imagenet_root), "val", transform=transform)
 
-    merge = {"method": "cubist", "loc": 1, "r_h": 1, "r_w": 1}
+    merge = {"method": "cubist", "loc": 0, "r_h": 1, "r_w": 1}
     both = Top1Evaluator(num_workers=0, progress=False, ks=(1, 2)).run(
         EvalContext(tiny_deit, merge=merge, device="cpu", dataset_factory=factory)
     )

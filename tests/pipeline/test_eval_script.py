@@ -135,6 +135,7 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     assert done.returncode == 1
     assert "already records another run" in done.stderr and "Traceback" not in done.stderr
     assert (run_dir / "results.json").read_text() == before
+    assert not (run_dir / ".hydra").exists(), "Hydra wrote its config into the finished run"
 
 
 def test_a_multirun_with_a_failed_job_says_so_and_exits_nonzero(tmp_path):
@@ -179,3 +180,11 @@ def test_ctrl_c_is_recorded_as_interrupted_with_one_line(tmp_path):
     (path,) = results_files(tmp_path)
     payload = json.loads(path.read_text())
     assert payload["status"] == "interrupted" and payload["error"] == "interrupted by the user (Ctrl-C)"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_before_building_anything(tmp_path):
+    done = run_eval([*TINY_SAM, "device=cuda"], tmp_path)
+    assert done.returncode == 1
+    assert "device='cuda' but CUDA is not available here; use device=cpu" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -275,3 +275,14 @@ def test_an_in_run_baseline_gives_the_delta_without_a_merge_none_job(tmp_path):
     write(root, "0", payload)
     (row,) = [r for r in build_rows(collect_results(root)) if r["method"] == "cubist"]
     assert row["value"] == 60.0 and row["delta"] == -1.5
+
+
+def test_a_results_file_holding_a_list_is_an_unreadable_row(tmp_path):
+    root = tmp_path / "sweep"
+    (root / "0").mkdir(parents=True)
+    (root / "0" / "results.json").write_text("[1, 2]")
+    write(root, "1", result("cubist", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3))
+    rows = build_rows(collect_results(root))
+    (bad,) = [r for r in rows if r["status"] == "failed"]
+    assert "holds a JSON list, not a run record" in bad["error"]
+    assert any(r["status"] == "ok" for r in rows)

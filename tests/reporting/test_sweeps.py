@@ -70,7 +70,7 @@ def test_every_job_of_a_sweep_composes_into_a_valid_merge(name):
     cfg = compose_eval([f"+sweep={name}"], hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     launched = jobs(cfg.hydra.sweeper.params)
-    assert 2 <= len(launched) <= 32
+    assert 2 <= len(launched) <= 64
     for overrides in launched:
         job = compose_eval([f"+sweep={name}", *overrides])
         model = meta_model(json.dumps(OmegaConf.to_container(job.model, resolve=True), sort_keys=True))
@@ -90,7 +90,9 @@ def run_eval(args, tmp_path):
 def test_a_sweep_survives_a_failing_job_and_reports_every_job(tmp_path):
     # cpu_throughput narrowed to 2 jobs on a tiny SAM; ratio 0.6 is out of range, so job 1 fails.
     done = run_eval(["+sweep=cpu_throughput", "merge=cubist", "merge.loc=1", "merge.ratio=0.25,0.6", *TINY_SAM], tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the other job ran; the sweep still says, in its exit code and last line, that one failed
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "1 ok, 1 failed: run scripts/report.py" in done.stdout
     (sweep_dir,) = (tmp_path / "logs" / "eval" / "multiruns").glob("*_cpu_throughput")
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/results.json")}
     assert statuses == {"0": "ok", "1": "failed"}

@@ -112,6 +112,17 @@ def test_resuming_with_another_global_batch_is_refused(colour_imagenet, tmp_path
         train(colour_imagenet, tmp_path, "trainer.batch_size=8", "trainer.resume=auto")
 
 
+def test_resuming_with_another_merge_lr_or_seed_is_refused(colour_imagenet, tmp_path):
+    train(colour_imagenet, tmp_path, "trainer.max_steps=2")
+    with pytest.raises(TrainingCheckpointError, match=r"trainer.lr 0.064 -> 0.1") as err:
+        train(colour_imagenet, tmp_path, "trainer.max_steps=2", "trainer.lr=0.1", "trainer.resume=auto")
+    assert "other settings" in str(err.value)
+    with pytest.raises(TrainingCheckpointError, match=r"trainer.seed 0 -> 7"):
+        train(colour_imagenet, tmp_path, "trainer.max_steps=2", "trainer.seed=7", "trainer.resume=auto")
+    with pytest.raises(TrainingCheckpointError, match=r"merge \{.*'reduce': 'maxmag'.* -> \{.*'reduce': 'mean'"):
+        train(colour_imagenet, tmp_path, "trainer.max_steps=2", "merge.reduce=mean", "trainer.resume=auto")
+
+
 def test_a_fresh_run_refuses_to_mix_with_old_checkpoints(colour_imagenet, tmp_path):
     train(colour_imagenet, tmp_path, "trainer.max_steps=2")
     with pytest.raises(ValueError, match="trainer.resume=auto"):

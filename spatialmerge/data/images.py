@@ -1,0 +1,39 @@
+"""Reading one image file as RGB, with a clear error naming a file that cannot be read."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# PIL modes of 16- and 32-bit single-channel integer images: convert("RGB") clips them to 255
+# (a 16-bit PNG turns almost white), so they are scaled down to 8 bits first.
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+class CorruptImageError(ValueError):
+    """An image file cannot be decoded (truncated, not an image, unsupported)."""
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image at ``path`` as an 8-bit RGB PIL image, fully decoded.
+
+    16-bit greyscale is scaled to 8 bits (value * 255 / 65535) rather than clipped.
+
+    Raises:
+        CorruptImageError: the file is truncated, not an image or cannot be decoded; the message
+            names the file.
+    """
+    try:
+        with Image.open(path) as pil:
+            pil.load()
+            if pil.mode in _WIDE_MODES:
+                values = np.asarray(pil, dtype=np.float64)
+                scaled = np.clip(values * 255.0 / _WIDE_MODES[pil.mode], 0, 255).round().astype(np.uint8)
+                return Image.fromarray(scaled, mode="L").convert("RGB")
+            return pil.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"cannot read image {path}: {err}; replace or remove the file"
+        ) from None
