@@ -130,12 +130,14 @@ def run_job(
         outcome = work(run_dir, logger)
         status = "ok"
     except user_errors as err:
+        outcome = getattr(err, "partial_outcome", None)  # what was measured before it failed
         if os.environ.get("SPATIALMERGE_DEBUG"):
             raise
         error = _one_line(err)
     except KeyboardInterrupt:
         status, error, interrupted = "interrupted", "interrupted by the user (Ctrl-C)", True
     except Exception as err:  # recorded, then re-raised: a bug deserves its traceback
+        outcome = getattr(err, "partial_outcome", None)
         error = f"{type(err).__name__}: {err}"
         raise
     finally:

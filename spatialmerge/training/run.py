@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import spatialmerge
 from spatialmerge import distributed
@@ -108,18 +109,61 @@ def run_training(
         )
     train_set = dataset(split="train", transform=train_transform(model, settings))
     val = dataset(split="val", transform=eval_transform(model))  # a missing split fails before training
+    check_before_training(model, train_set, val, cfg)
     seed_everything(settings.seed + distributed.rank())  # mixup and dropout differ per process
     result = Trainer(settings, run_dir, device, logger, identity=run_identity(cfg, merge)).fit(model, train_set)
 
     metrics: dict[str, Any] = {"train": result.metrics}
     candidates = {"": result.model} if result.ema is None else {"": result.model, "_ema": result.ema}
-    for suffix, trained in candidates.items():
-        ctx = EvalContext(trained, merge, str(device), lambda transform=None: val)
-        for name, node in cfg.evaluator.items():
-            if name == "throughput" and (suffix or not distributed.is_main()):
-                continue  # timing is per device and weight-independent: rank 0, once
-            log.info("running evaluator %s%s", name, suffix)
-            start = time.perf_counter()
-            metrics[name + suffix] = instantiate(node).run(ctx)
-            metrics[name + suffix]["seconds"] = time.perf_counter() - start
+    try:
+        for suffix, trained in candidates.items():
+            ctx = EvalContext(trained, merge, str(device), lambda transform=None: val)
+            for name, node in cfg.evaluator.items():
+                if name == "throughput" and (suffix or not distributed.is_main()):
+                    continue  # timing is per device and weight-independent: rank 0, once
+                log.info("running evaluator %s%s", name, suffix)
+                start = time.perf_counter()
+                metrics[name + suffix] = instantiate(node).run(ctx)
+                metrics[name + suffix]["seconds"] = time.perf_counter() - start
+    except Exception as err:
+        # the training itself succeeded: its measurements go into the record of the failure
+        err.partial_outcome = {"merge": merge, "metrics": metrics, "notes": notes}  # type: ignore[attr-defined]
+        raise
     return {"merge": merge, "metrics": metrics, "notes": notes}
+
+
+def check_before_training(model: nn.Module, train_set: Any, val: Any, cfg: DictConfig) -> None:
+    """Refuse, before the first step, what would only fail (or silently mislead) after training:
+    class folders that differ between the splits or from the model's classes, top-k larger than
+    the number of classes, a global batch larger than the training split."""
+    train_classes, val_classes = list(getattr(train_set, "classes", [])), list(getattr(val, "classes", []))
+    if train_classes and val_classes and train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))[:3]
+        only_val = sorted(set(val_classes) - set(train_classes))[:3]
+        raise ValueError(
+            f"the train split has {len(train_classes)} class folders and the val split "
+            f"{len(val_classes)}, and they differ (train only: {only_train or '-'}, val only: "
+            f"{only_val or '-'}); labels are folder indices, so both splits need the same class "
+            "folders"
+        )
+    classes = len(train_classes)
+    head = getattr(model, "num_classes", None)
+    if classes and head is not None and head != classes:
+        raise ValueError(
+            f"the model has {head} classes but the data has {classes} class folders; set "
+            f"+model.num_classes={classes} (or point dataset.root at data with {head} classes)"
+        )
+    for name, node in cfg.evaluator.items():
+        ks = node.get("ks") if hasattr(node, "get") else None
+        if ks and classes and max(ks) > classes:
+            raise ValueError(
+                f"evaluator.{name}.ks={list(ks)} asks for top-{max(ks)} of {classes} classes; "
+                f"use ks up to {classes}, e.g. evaluator.{name}.ks=[1]"
+            )
+    global_batch = cfg.trainer.batch_size * distributed.world_size() * cfg.trainer.get("accum_steps", 1)
+    if len(train_set) < global_batch:
+        raise ValueError(
+            f"the training split holds {len(train_set)} images, fewer than one global batch of "
+            f"{global_batch} (trainer.batch_size={cfg.trainer.batch_size} x processes x accum_steps); "
+            "lower trainer.batch_size"
+        )

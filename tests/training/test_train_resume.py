@@ -170,3 +170,39 @@ def test_a_missing_val_split_fails_before_any_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="val"):
         train(data, tmp_path)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_classes=5"], r"the model has 5 classes but the data has 4 class folders; set \+model.num_classes=4"),
+        (["model.num_classes=3"], r"the model has 3 classes but the data has 4"),
+        (["evaluator.top1.ks=[1,5]"], r"evaluator.top1.ks=\[1, 5\] asks for top-5 of 4 classes"),
+        (["trainer.batch_size=128"], r"holds 64 images, fewer than one global batch of 128"),
+    ],
+)
+def test_mismatched_classes_ks_or_batch_fail_before_the_first_step(colour_imagenet, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(colour_imagenet, tmp_path, *overrides)
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no step was taken"
+
+
+def test_train_and_val_class_folders_must_match(tmp_path):
+    data = write_colour_folder(tmp_path / "data", {"train": 4, "val": 1})
+    (data / "val" / "class_3").rename(data / "val" / "class_9")
+    with pytest.raises(ValueError, match=r"train only: \['class_3'\], val only: \['class_9'\]"):
+        train(data, tmp_path)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failing_evaluation_keeps_the_training_metrics(colour_imagenet, tmp_path, monkeypatch):
+    from spatialmerge.evaluators import Top1Evaluator
+
+    def broken(self, ctx):
+        raise ValueError("the val split could not be read")
+
+    monkeypatch.setattr(Top1Evaluator, "run", broken)
+    with pytest.raises(ValueError, match="could not be read") as err:
+        train(colour_imagenet, tmp_path, "trainer.max_steps=2")
+    kept = err.value.partial_outcome["metrics"]["train"]
+    assert kept["steps"] == 2 and "loss" in kept
