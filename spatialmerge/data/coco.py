@@ -6,7 +6,10 @@ Layout (COCO 2017 as distributed by cocodataset.org, both zips unpacked into one
     root/{split}/*.jpg
 
 Crowd annotations and annotations whose mask is empty are skipped; images left with no instance
-are skipped. Every mask is kept as pycocotools RLE (built once in `__init__`) and decoded only when
+are skipped. Annotations that cannot be evaluated (no or empty segmentation, a polygon of fewer
+than 3 points, a box of zero or negative size, an image id with no image) are skipped too,
+counted in ``CocoInstances.skipped`` and warned about; a truncated annotation file is an error
+naming it. Every mask is kept as pycocotools RLE (built once in `__init__`) and decoded only when
 its image is loaded, so the dataset is light to ship to DataLoader worker processes.
 """
 
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,6 +73,39 @@ def mask_interior_point(mask: np.ndarray) -> tuple[float, float]:
     dist = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]  # (h, w)
     y, x = divmod(int(np.argmax(dist)), crop.shape[1])  # argmax: first maximum, row-major
     return float(left + x), float(top + y)
+
+
+def _annotation_problem(ann: Any, image_ids: set[Any]) -> str | None:
+    """Why a COCO annotation cannot be evaluated, or None (crowd annotations pass: the protocol
+    skips them later, as it always did)."""
+    if not isinstance(ann, dict) or "id" not in ann:
+        return "not an annotation object with an id"
+    if ann.get("image_id") not in image_ids:
+        return f"image_id {ann.get('image_id')!r} has no image in the file"
+    if ann.get("iscrowd"):
+        return None
+    segmentation = ann.get("segmentation")
+    if segmentation is None:
+        return "no segmentation"
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and p]
+        if not polygons:
+            return f"empty segmentation {segmentation!r}"
+        if any(len(p) < 6 or len(p) % 2 for p in polygons):
+            return "a polygon with fewer than 3 points"
+    elif not isinstance(segmentation, dict):
+        return f"segmentation of type {type(segmentation).__name__} (expected polygons or RLE)"
+    return None
+
+
+def _box_problem(bbox: Any) -> str | None:
+    """Why an instance's box cannot be a prompt, or None. Checked for instances whose mask is
+    not empty only: an empty-mask annotation (skipped by the protocol) may carry a zero box."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, width, height]"
+    if not bbox[2] > 0 or not bbox[3] > 0:
+        return f"bbox {bbox!r} has a width or height <= 0"
+    return None
 
 
 def collate_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,9 +181,30 @@ class CocoInstances(Dataset):
     def _index(
         self, ann_file: str, image_dir: str, max_images: int | None
     ) -> list[_ImageRecord]:
+        try:
+            with open(ann_file) as handle:
+                data = json.load(handle)
+        except (OSError, ValueError) as err:
+            raise _layout_error(
+                f"cannot read the COCO annotation file {ann_file} ({type(err).__name__}: {err}); "
+                "it is truncated or not JSON: download and unzip it again",
+                self.root,
+                self.split,
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list
+        ):
+            raise _layout_error(
+                f"{ann_file} is JSON but not a COCO instances file (no 'images' and 'annotations' lists)",
+                self.root,
+                self.split,
+            )
+        data = dict(data, annotations=self._valid_annotations(data, ann_file))
+        coco = COCO()
+        coco.dataset = data
         # pycocotools prints progress lines to stdout; keep evaluation logs clean.
         with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(ann_file)
+            coco.createIndex()
         records: list[_ImageRecord] = []
         for image_id in sorted(coco.getImgIds()):
             info = coco.imgs[image_id]
@@ -154,6 +213,10 @@ class CocoInstances(Dataset):
                 rle = coco.annToRLE(ann)
                 # The RLE area is exactly what annToMask would decode, without decoding it.
                 if int(mask_utils.area(rle)) > 0:
+                    problem = _box_problem(ann.get("bbox"))
+                    if problem is not None:
+                        self.skipped[ann["id"]] = problem
+                        continue
                     kept.append((int(ann["id"]), tuple(float(v) for v in ann["bbox"]), rle))
             if not kept:
                 continue
@@ -179,7 +242,34 @@ class CocoInstances(Dataset):
             )
             if max_images is not None and len(records) == max_images:
                 break
+        self._warn_skipped(ann_file)
         return records
+
+    def _valid_annotations(self, data: dict[str, Any], ann_file: str) -> list[dict[str, Any]]:
+        """The non-crowd annotations whose mask and box can be evaluated; the others are
+        skipped, counted in ``self.skipped`` (annotation id -> reason) and warned about once,
+        so a broken annotation neither crashes deep inside pycocotools nor changes mIoU
+        silently."""
+        image_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
+        self.skipped: dict[Any, str] = {}
+        kept = []
+        for ann in data["annotations"]:
+            reason = _annotation_problem(ann, image_ids)
+            if reason is None:
+                kept.append(ann)
+            else:
+                self.skipped[ann.get("id") if isinstance(ann, dict) else None] = reason
+        return kept
+
+    def _warn_skipped(self, ann_file: str) -> None:
+        if self.skipped:
+            listed = "; ".join(f"annotation {k}: {v}" for k, v in list(self.skipped.items())[:5])
+            more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
+            warnings.warn(
+                f"{ann_file}: skipped {len(self.skipped)} annotation(s) that cannot be evaluated: "
+                f"{listed}{more}",
+                stacklevel=3,
+            )
 
     def __len__(self) -> int:
         return len(self.records)

@@ -71,10 +71,13 @@ class MIoUEvaluator:
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         """The pipeline's entry point: the merged model on the configured dataset, and with
         ``baseline`` the unmerged one on the same images."""
-        merged = self.evaluate(ctx.merged_model(), ctx.dataset(), ctx.device)
+        dataset = ctx.dataset()
+        merged = self.evaluate(ctx.merged_model(), dataset, ctx.device)
+        # annotations the dataset could not evaluate, so a changed count is visible in the record
+        merged["skipped_annotations"] = len(getattr(dataset, "skipped", {}))
         if not self.baseline or ctx.merge is None:
             return merged
-        unmerged = self.evaluate(ctx.unmerged_model(), ctx.dataset(), ctx.device)
+        unmerged = self.evaluate(ctx.unmerged_model(), dataset, ctx.device)
         return beside_baseline(merged, unmerged, ("miou", "miou_per_image"))
 
     def evaluate(

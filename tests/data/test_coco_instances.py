@@ -157,3 +157,47 @@ def test_dataloader_with_worker_processes_keeps_variable_sizes(coco_root: str) -
     )
     (batch,) = list(loader)
     assert [item["image"].shape for item in batch] == [(48, 64, 3), (40, 56, 3)]
+
+
+def _annotations(root: Path) -> Path:
+    return root / "annotations" / "instances_val2017.json"
+
+
+def test_a_truncated_annotation_file_is_named(tmp_path: Path) -> None:
+    write_synthetic_coco(str(tmp_path))
+    path = _annotations(tmp_path)
+    path.write_text(path.read_text()[:200])
+    with pytest.raises(DatasetLayoutError, match=r"cannot read the COCO annotation file .*instances_val2017.json.*truncated"):
+        CocoInstances(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"segmentation": []}, "empty segmentation"),
+        ({"segmentation": [[]]}, "empty segmentation"),
+        ({"segmentation": None}, "no segmentation"),
+        ({"segmentation": [[1.0, 1.0, 5.0, 5.0]]}, "a polygon with fewer than 3 points"),
+        ({"bbox": [1.0, 1.0, 0.0, 4.0]}, "has a width or height <= 0"),
+        ({"bbox": [1.0, 1.0, -5.0, 4.0]}, "has a width or height <= 0"),
+        ({"image_id": 999}, "image_id 999 has no image"),
+    ],
+)
+def test_an_annotation_that_cannot_be_evaluated_is_skipped_counted_and_named(
+    tmp_path: Path, change: dict, reason: str
+) -> None:
+    write_synthetic_coco(str(tmp_path))
+    path = _annotations(tmp_path)
+    data = json.loads(path.read_text())
+    before = CocoInstances(str(tmp_path))
+    victim = next(a for a in data["annotations"] if not a.get("iscrowd"))
+    victim.update(change)
+    if change.get("segmentation", "") is None:
+        del victim["segmentation"]
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=f"skipped 1 annotation.*annotation {victim['id']}: .*{reason}"):
+        dataset = CocoInstances(str(tmp_path))
+    assert set(dataset.skipped) == {victim["id"]}
+    kept = sum(len(r.ann_ids) for r in dataset.records)
+    assert kept == sum(len(r.ann_ids) for r in before.records) - 1
+    assert all(victim["id"] not in r.ann_ids for r in dataset.records)
