@@ -26,6 +26,10 @@ class RunLogger:
     def update_config(self, values: Mapping[str, Any]) -> None:
         """Add what is only known once the job ran (e.g. the resolved merge schedule)."""
 
+    def rewind(self, step: int) -> None:
+        """A resumed run continues from ``step``: history logged after it (by the run that was
+        killed after its last checkpoint) is about to be logged again and must not count twice."""
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         pass
 

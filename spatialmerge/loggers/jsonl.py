@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from spatialmerge.loggers.base import RunLogger
+from spatialmerge.results import atomic_write
 
 
 class JsonlLogger(RunLogger):
@@ -27,6 +28,24 @@ class JsonlLogger(RunLogger):
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps({"time": time.time(), **record}, default=str) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop the ``log`` rows after ``step`` (written before the kill, replayed by the resume)
+        and note the resume, rewriting the file atomically."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by the kill
+            if record.get("event") == "log" and isinstance(record.get("step"), int) and record["step"] > step:
+                continue
+            kept.append(json.dumps(record, default=str))
+        text = "\n".join(kept) + ("\n" if kept else "")
+        atomic_write(self.path, lambda handle: handle.write(text.encode()))
+        self._write({"event": "resume", "step": step})
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         self._write({"event": "log", "step": step, "metrics": dict(metrics)})

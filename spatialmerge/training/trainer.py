@@ -410,4 +410,6 @@ class Trainer:
                 path, len(rng), distributed.world_size(),
             )
         log.info("resumed from %s at step %d", path, step)
+        if self.logger is not None and distributed.is_main():
+            self.logger.rewind(step)
         return step

@@ -102,6 +102,10 @@ def test_a_run_killed_mid_epoch_resumes_in_place_to_the_same_weights(
     resumed = run_train_script([*args, "trainer.resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+    # step 3 was logged before the kill and again after resuming from step 2: it counts once
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "log"] == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [2]
     weights, reference = final_weights(run_dir), final_weights(single_process)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
