@@ -82,13 +82,16 @@ class RecordExistsError(FileExistsError):
 
 
 def _refuse_to_replace(run_dir: Path, continues: bool) -> None:
+    """Exit with one line when ``run_dir`` already records another run, before writing there."""
     existing = run_dir / RESULTS_FILE
     if existing.exists() and not continues:
-        raise RecordExistsError(
+        err = RecordExistsError(
             f"{existing} already records another run; a job never overwrites another job's "
             "record: choose a new directory (leave hydra.run.dir unset for a fresh timestamped "
             "one), or continue that training run with trainer.resume=auto"
         )
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_job(
@@ -111,11 +114,7 @@ def run_job(
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    try:
-        _refuse_to_replace(run_dir, continues_run(cfg))
-    except RecordExistsError as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(1)
+    _refuse_to_replace(run_dir, continues_run(cfg))
     started, status, error, outcome = time.time(), "failed", None, None
     logger: RunLogger | None = None
     interrupted = False
@@ -180,11 +179,7 @@ class RecordGuard(Callback):
     @staticmethod
     def _guard(run_dir: Path, config: DictConfig) -> None:
         trainer = config.get("trainer") or {}
-        try:
-            _refuse_to_replace(run_dir, trainer.get("resume") is not None)
-        except RecordExistsError as err:
-            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-            sys.exit(1)
+        _refuse_to_replace(run_dir, trainer.get("resume") is not None)
 
 
 class MultirunSummary(Callback):

@@ -312,9 +312,9 @@ def build_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if reference is not None and reference.get("synthetic"):
             rows = [reference, *rows]
         for row in rows:
-            if row["delta"] is not None:
-                pass  # measured against the unmerged model inside the job itself
-            elif reference is not None and row["value"] is not None and reference["value"] is not None:
+            # a delta measured against the unmerged model inside the job itself is kept
+            in_job = row["delta"] is not None
+            if not in_job and reference is not None and row["value"] is not None and reference["value"] is not None:
                 if row["metric"] == reference["metric"]:
                     row["delta"] = row["value"] - reference["value"]
             row["reference"] = row is reference or (
