@@ -245,8 +245,10 @@ def format_summary(payload: Mapping[str, Any]) -> str:
     for name, values in metrics.items():
         if name == "throughput":
             continue
-        shown = ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items() if k != "seconds"
+        shown = ", ".join(  # lists (e.g. skipped file names) stay in results.json
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in values.items()
+            if k != "seconds" and not isinstance(v, list)
         )
         lines.append(f"{name}: {shown}")
     lines.extend(f"note: {note}" for note in payload.get("notes", []))

@@ -13,7 +13,16 @@ _WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I
 
 
 class CorruptImageError(ValueError):
-    """An image file cannot be decoded (truncated, not an image, unsupported)."""
+    """An image file cannot be decoded (truncated, not an image, unsupported).
+
+    Attributes:
+        path: the file, so that a caller can name it or skip it; None once a DataLoader worker
+            has re-raised the error in the main process (torch rebuilds it from its message).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else os.fspath(path)
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
@@ -34,6 +43,4 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
                 return Image.fromarray(scaled, mode="L").convert("RGB")
             return pil.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(
-            f"cannot read image {path}: {err}; replace or remove the file"
-        ) from None
+        raise CorruptImageError(f"cannot read image {path}: {err}; replace or remove the file", path) from None

@@ -81,7 +81,7 @@ def build_timm_model(
     info = model_info(name)
     if info.timm_name is None:
         raise ValueError(f"model {name!r} is not built by timm (family {info.family!r})")
-    _check_img_size(name, overrides.get("img_size"), info.patch_size)
+    _check_img_size(name, overrides.get("img_size"), overrides.get("patch_size", info.patch_size))
     kwargs = {**_DEFAULTS.get(info.family, {}), **overrides}
     model = timm.create_model(info.timm_name, pretrained=False, **kwargs)
     if checkpoint is not None:

@@ -15,6 +15,7 @@ from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import (
     ResumableSampler,
     SeededSamples,
+    UnreadableImages,
     mixup_and_criterion,
     train_transform,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Trainer",
     "TrainingCheckpointError",
     "TrainingInterrupted",
+    "UnreadableImages",
     "mixup_and_criterion",
     "newest_checkpoint",
     "read_checkpoint",

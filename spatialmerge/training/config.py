@@ -54,6 +54,9 @@ class TrainConfig:
         progress: show a tqdm bar per epoch (rank 0 only).
         stop_after_steps: fault drills and tests: stop right after this update as a kill would
             (no final checkpoint, no evaluation); None: off.
+        skip_corrupt_images: an unreadable training image is replaced by the next readable one
+            and counted (``skipped_images`` in results.json) instead of stopping the run. Off by
+            default: a broken dataset should be seen, not trained around.
     """
 
     epochs: int = 1
@@ -87,6 +90,7 @@ class TrainConfig:
     log_every: int = 20
     progress: bool = True
     stop_after_steps: int | None = None
+    skip_corrupt_images: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -116,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"trainer.clip_grad={self.clip_grad} must be > 0 (or null: no clipping)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.9998 (or null: off)")
+        if not isinstance(self.skip_corrupt_images, bool):
+            raise ValueError(f"trainer.skip_corrupt_images={self.skip_corrupt_images!r} must be true or false")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"trainer.amp={self.amp!r} must be one of {', '.join(AMP_DTYPES)}")
         if self.uses_mixup and self.batch_size % 2:

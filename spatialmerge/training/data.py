@@ -25,6 +25,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from spatialmerge.data.images import CorruptImageError
 from spatialmerge.training.config import TrainConfig
 
 
@@ -116,6 +117,51 @@ class SeededSamples(Dataset):
         words = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(4)
         with _isolated_rng(words):
             return self.dataset[index]
+
+
+class UnreadableImages(Dataset):
+    """Wraps a training dataset so that an unreadable image either stops the run with one line
+    naming the file and both fixes, or (``skip=True``) is replaced by the next readable image.
+
+    Items are ``(*item, skipped)`` where ``skipped`` lists the files replaced to produce this
+    item, joined by newlines ("" when none): a string survives DataLoader workers and batching,
+    so the training loop can count and report every skipped file.
+
+    The replacement of item ``i`` is the first readable item of ``i + 1, i + 2, ...`` (wrapping
+    around): it depends on the index alone, so a resumed run sees the same images, and every
+    batch keeps its size.
+
+    Args:
+        dataset: a map-style dataset whose loading raises :class:`CorruptImageError`.
+        skip: replace unreadable images instead of stopping (``trainer.skip_corrupt_images``).
+    """
+
+    def __init__(self, dataset: Dataset, skip: bool = False) -> None:
+        self.dataset = dataset
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        skipped: list[str] = []
+        for offset in range(len(self)):
+            try:
+                item = self.dataset[(index + offset) % len(self)]
+            except CorruptImageError as err:
+                if not self.skip:
+                    raise CorruptImageError(
+                        f"{err}, or set trainer.skip_corrupt_images=true to train on without such "
+                        "files (each skipped file is counted and named in results.json)",
+                        err.path,
+                    ) from None
+                skipped.append(err.path or str(err))
+                continue
+            return (*item, "\n".join(skipped))
+        raise CorruptImageError(
+            f"none of the {len(self)} training images can be read (the first: {skipped[0]}); "
+            "check dataset.root"
+        )
 
 
 class ResumableSampler(DistributedSampler):

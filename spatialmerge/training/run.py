@@ -66,6 +66,9 @@ def seed_everything(seed: int) -> None:
 # Trainer keys that may change when a run is resumed: how it is run, not what it computes.
 RESUMABLE_KEYS = (
     "resume", "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "stop_after_steps",
+    # a run stopped by an unreadable image continues with skipping on: the steps before it met
+    # no unreadable image, so they are what a skipping run would have computed
+    "skip_corrupt_images",
 )
 
 
@@ -114,6 +117,11 @@ def run_training(
     result = Trainer(settings, run_dir, device, logger, identity=run_identity(cfg, merge)).fit(model, train_set)
 
     metrics: dict[str, Any] = {"train": result.metrics}
+    if result.metrics["skipped_images"]:
+        notes.append(
+            f"{result.metrics['skipped_images']} unreadable training image(s) were replaced by the "
+            "next readable one (trainer.skip_corrupt_images=true); see metrics.train.skipped_files"
+        )
     candidates = {"": result.model} if result.ema is None else {"": result.model, "_ema": result.ema}
     try:
         for suffix, trained in candidates.items():

@@ -44,6 +44,7 @@ from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import (
     ResumableSampler,
     SeededSamples,
+    UnreadableImages,
     mixup_and_criterion,
 )
 
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+# How many skipped training files a record names; the count covers them all.
+SKIPPED_LISTED = 100
 
 
 class TrainingInterrupted(RuntimeError):
@@ -66,7 +71,9 @@ class TrainResult:
         model: the trained model (not DDP-wrapped), merging still patched in.
         ema: the EMA copy of the model, or None when EMA is off.
         metrics: ``loss`` (mean of the last epoch trained in this process), ``lr``, ``img_s``,
-            ``steps``, ``epochs``, ``global_batch``, ``peak_lr``, ``seconds``, ``checkpoint``.
+            ``steps``, ``epochs``, ``global_batch``, ``peak_lr``, ``seconds``, ``checkpoint``,
+            ``skipped_images`` (unreadable training files replaced, over the whole run, resumes
+            included) and ``skipped_files`` (their paths, the first ``SKIPPED_LISTED``).
     """
 
     model: nn.Module
@@ -100,6 +107,7 @@ class Trainer:
         self.checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
         self.device = torch.device(device)
         self.logger = logger
+        self.skipped: set[str] = set()  # unreadable training files this process replaced
 
     def fit(self, model: nn.Module, train_set: Dataset) -> TrainResult:
         """Train ``model`` on ``train_set`` (items: (image (3, H, W), label)) and return it.
@@ -111,7 +119,7 @@ class Trainer:
         """
         cfg, device = self.config, self.device
         world = distributed.world_size()
-        samples = SeededSamples(train_set, cfg.seed)
+        samples = SeededSamples(UnreadableImages(train_set, skip=cfg.skip_corrupt_images), cfg.seed)
         sampler = ResumableSampler(
             samples, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=cfg.seed, drop_last=True
         )
@@ -208,6 +216,7 @@ class Trainer:
             self._save(parts, step, plan)
         trained = time.perf_counter() - started
         newest = newest_checkpoint(self.checkpoint_dir)
+        skipped = self._all_skipped()
         metrics = {
             "loss": epoch_loss,
             "lr": optimizer.param_groups[0]["lr"],
@@ -218,6 +227,8 @@ class Trainer:
             "peak_lr": peak_lr,
             "seconds": trained,
             "checkpoint": None if newest is None else str(newest),
+            "skipped_images": len(skipped),
+            "skipped_files": skipped[:SKIPPED_LISTED],
         }
         return TrainResult(model=model, ema=None if ema is None else ema.module, metrics=metrics)
 
@@ -262,7 +273,8 @@ class Trainer:
         cfg, device = self.config, self.device
         total = torch.zeros((), device=device, dtype=torch.float64)
         for i in range(cfg.accum_steps):
-            images, targets = next(batches)
+            images, targets, skipped = next(batches)
+            self._note_skipped(skipped)
             images = images.to(device, non_blocking=True)  # (B, 3, H, W)
             targets = targets.to(device, non_blocking=True)  # (B,)
             if mixup is not None:
@@ -294,6 +306,21 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return mean
 
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Count the files replaced in a batch (``skipped``: per item, newline-joined paths)."""
+        for path in (p for joined in skipped if joined for p in joined.split("\n")):
+            if path not in self.skipped:
+                self.skipped.add(path)
+                log.warning("skipped unreadable training image %s (trainer.skip_corrupt_images=true)", path)
+
+    def _all_skipped(self) -> list[str]:
+        """Every process's skipped files, sorted; the same list on every process."""
+        if not distributed.is_distributed():
+            return sorted(self.skipped)
+        gathered: list[Any] = [None] * distributed.world_size()
+        dist.all_gather_object(gathered, sorted(self.skipped))
+        return sorted({path for share in gathered for path in share})
+
     def _log(self, step: int, epoch: int, window: list[float], lr: float, global_batch: int, since: float) -> None:
         if self.logger is None or not window:
             return
@@ -311,6 +338,7 @@ class Trainer:
     def _save(self, parts: dict[str, Any], step: int, plan: dict[str, int]) -> None:
         """Every process contributes its random states; rank 0 writes the file."""
         rng = capture_rng(self.device)
+        skipped = self._all_skipped()
         if distributed.is_distributed():
             gathered: list[Any] = [None] * distributed.world_size()
             dist.all_gather_object(gathered, rng)
@@ -331,6 +359,7 @@ class Trainer:
             "plan": dict(plan),
             "identity": self.identity,
             "rng": gathered,
+            "skipped_images": skipped,
         }
         save_checkpoint(self.checkpoint_dir / checkpoint_name(step), payload)
         prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
@@ -395,6 +424,7 @@ class Trainer:
             if parts["ema"] is not None:
                 parts["ema"].load_state_dict(payload["ema"])
             rng = payload["rng"]
+            self.skipped.update(payload.get("skipped_images", ()))
         except TrainingCheckpointError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as err:

@@ -179,9 +179,12 @@ def test_a_missing_val_split_fails_before_any_training(tmp_path):
         (["model.num_classes=3"], r"the model has 3 classes but the data has 4"),
         (["evaluator.top1.ks=[1,5]"], r"evaluator.top1.ks=\[1, 5\] asks for top-5 of 4 classes"),
         (["trainer.batch_size=128"], r"holds 64 images, fewer than one global batch of 128"),
+        # the tiny model's 8-px patches, not deit_t's 16
+        (["model.img_size=36"], r"model.img_size=36 for 'deit_t' is not a multiple of its 8-px patches; the nearest valid sizes are 32 and 40"),
+        (["merge.r_h=3"], r"r_h=3 is out of range for a side of 4 tokens"),
     ],
 )
-def test_mismatched_classes_ks_or_batch_fail_before_the_first_step(colour_imagenet, tmp_path, overrides, message):
+def test_mismatched_classes_ks_batch_size_or_schedule_fail_before_the_first_step(colour_imagenet, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(colour_imagenet, tmp_path, *overrides)
     assert not (tmp_path / "run" / "checkpoints").exists(), "no step was taken"
