@@ -1,6 +1,6 @@
 """Benchmark merge schedules against their zero-cost limit (no weights needed).
 
-    python scripts/benchmark.py                          # SAM-B, DeiT-B, DINOv3-B on CPU, fp32
+    python scripts/benchmark.py                          # SAM-B, SAM 2 B+, DeiT-B, DINOv3-B on CPU, fp32
     python scripts/benchmark.py --suites sam_b --iters 5
     python scripts/benchmark.py --device cuda --dtype fp16
     python scripts/benchmark.py --tiny --iters 1         # tiny models: checks the script runs
@@ -22,7 +22,9 @@ from spatialmerge.results import environment, write_json_atomic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", default="sam_b,deit_b,dinov3_b", help="comma-separated: sam_b, deit_b, dinov3_b")
+    parser.add_argument(
+        "--suites", default="sam_b,sam2_b+,deit_b,dinov3_b", help="comma-separated: sam_b, sam2_b+, deit_b, dinov3_b"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--warmup", type=int, default=1)

@@ -45,17 +45,19 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def model_depth(model: nn.Module) -> int:
+def model_default_loc(model: nn.Module) -> int:
+    """The block a single merge goes before when ``merge.loc`` is null: a quarter of the depth
+    (Hiera: the start of its third stage)."""
     adapter = find_adapter(model)
-    return adapter.depth(adapter.target(model))
+    return adapter.default_loc(adapter.target(model))
 
 
-def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None:
+def merge_options(merge: Mapping[str, Any], default_loc: int) -> dict[str, Any] | None:
     """Turn a ``merge`` config into ``spatialmerge.patch`` keyword arguments.
 
     Precedence, so sweeps can set every key for every method: ``r`` (per-layer ToMe) >
-    ``stages`` > ``r_h``/``r_w`` > ``ratio``; ``loc: null`` means a quarter of the depth.
-    Returns None for ``method: none``.
+    ``stages`` > ``r_h``/``r_w`` > ``ratio``; ``loc: null`` means ``default_loc``
+    (:func:`model_default_loc`). Returns None for ``method: none``.
     """
     options = dict(OmegaConf.to_container(OmegaConf.create(dict(merge)), resolve=True))
     method = options.pop("method")
@@ -79,7 +81,7 @@ def merge_options(merge: Mapping[str, Any], depth: int) -> dict[str, Any] | None
     elif schedule["stages"]:
         chosen = {"stages": schedule["stages"]}
     else:
-        loc = schedule["loc"] if schedule["loc"] is not None else depth // 4
+        loc = schedule["loc"] if schedule["loc"] is not None else default_loc
         if schedule["r_h"] is not None or schedule["r_w"] is not None:
             chosen = {"loc": loc, "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
         else:
@@ -145,7 +147,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     distributed.resolve_device(str(cfg.device))  # before seconds go into building a model
     torch.manual_seed(cfg.seed)
     model: nn.Module = instantiate(cfg.model)
-    merge = with_backbone_defaults(model, merge_options(cfg.merge, model_depth(model)))
+    merge = with_backbone_defaults(model, merge_options(cfg.merge, model_default_loc(model)))
     # what the merge resolves to on this model (loc, rows and columns, grids, tokens), checked
     # before any evaluator spends time
     schedule = None if merge is None else spatialmerge.describe_schedule(model, **merge)

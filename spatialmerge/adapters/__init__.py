@@ -3,7 +3,8 @@
 Importing this package registers every supported family with ``patch``.
 """
 
-from spatialmerge.adapters import eva, sam, vit  # noqa: F401  (each registers its families)
+# each registers its families; hiera (SAM 2) without importing sam2, see hiera.loaded_sam2_types
+from spatialmerge.adapters import eva, hiera, sam, vit  # noqa: F401
 from spatialmerge.adapters.base import (
     Adapter,
     GridRun,

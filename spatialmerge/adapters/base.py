@@ -37,6 +37,8 @@ class Adapter:
 
     name: str = ""
     model_types: tuple[type, ...] = ()
+    # for messages, where the classes are not imported until a model of them exists (SAM 2)
+    type_names: tuple[str, ...] = ()
     methods: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle", "pool")
     # The CubistMerge authors' DINOv3 port: the whole grid clustered at once.
     expedite_defaults: dict[str, Any] = {
@@ -61,6 +63,24 @@ class Adapter:
     def window(self, target: nn.Module) -> int | None:
         """Attention window size, for ``align="window"``; None if the backbone has none."""
         return None
+
+    def grid_at(self, model: nn.Module, target: nn.Module, loc: int) -> tuple[int, int]:
+        """(H, W) grid entering block ``loc`` at the model's own input size, unmerged. A
+        hierarchical backbone (Hiera) changes it between stages."""
+        return self.grid_size(target)
+
+    def window_at(self, target: nn.Module, loc: int) -> int | None:
+        """Attention window of the blocks around ``loc`` (Hiera's differs per stage)."""
+        return self.window(target)
+
+    def region(self, target: nn.Module, loc: int) -> int:
+        """Which stretch of blocks ``loc`` belongs to: a merge lasts until the end of its region
+        (one region for plain backbones; Hiera's stages, recovered at every stage end)."""
+        return 0
+
+    def default_loc(self, target: nn.Module) -> int:
+        """Where a single merge goes when ``loc`` is not given: a quarter of the depth."""
+        return self.depth(target) // 4
 
     def has_rope(self, target: nn.Module) -> bool:
         """Whether token positions come from RoPE, the only case ``positions`` changes."""
@@ -181,9 +201,10 @@ class GridRun:
         self.state = state
         self.config = state.config
         self.adapter = state.adapter
-        self.window = state.adapter.window(target)
+        self.target = target
         self.stages = {stage.loc: stage for stage in state.config.stages}
         self.records: list[GridRecord] = []
+        self.closed: list[GridRecord] = []  # the records of the last region ended
 
     @property
     def block_window(self) -> int | None:
@@ -204,13 +225,14 @@ class GridRun:
         if stage is None or grid.shape[0] == 0:
             return grid
         h, w = grid.shape[1:3]
-        r_h, r_w = stage.removal((h, w), self.window, self.config.align)
+        window = self.adapter.window_at(self.target, i)
+        r_h, r_w = stage.removal((h, w), window, self.config.align)
         started = merge_clock.start(grid.device) if merge_clock.enabled else 0.0
         metric = self._metric(grid, block)
         if self.config.windowed:
-            side = _window_budget((h, w), (r_h, r_w), self.window)
+            side = _window_budget((h, w), (r_h, r_w), window)
             grid, record = reduce_windows(
-                self.config.method, grid, self.window, side, **self.config.grid_options()
+                self.config.method, grid, window, side, **self.config.grid_options()
             )
         else:
             grid, record = reduce_grid(
@@ -231,12 +253,13 @@ class GridRun:
 
     def assignment(self) -> Tensor | None:
         """(B, H * W) composed map from original cells to the current grid's flat index."""
-        if not self.records:
-            return None
-        composed = self.records[0].assignment
-        for record in self.records[1:]:
-            composed = record.assignment.gather(1, composed)
-        return composed
+        return _composed(self.records)
+
+    def end_region(self) -> None:
+        """Call after ``recover`` where the resolution changes (Hiera's q-pool): later merges
+        start again from the recovered grid."""
+        if self.records:
+            self.closed, self.records = self.records, []
 
     def recover(self, grid: Tensor) -> Tensor:
         """Undo every merge of this run, latest first: (B, H', W', C) -> (B, H, W, C)."""
@@ -248,13 +271,22 @@ class GridRun:
         return grid
 
     def finish(self) -> None:
-        """Keep the source map of this run (small: one index per cell) for pictures and tests."""
-        assignment = self.assignment()
+        """Keep the source map of this run (small: one index per cell) for pictures and tests:
+        of the merges still open, else of the last region ended."""
+        records = self.records or self.closed
+        assignment = _composed(records)
         self.state.last_assignment = None if assignment is None else assignment.detach()
-        if self.records:
-            self.state.last_hw = (self.records[0].in_hw, self.records[-1].out_hw)
-        else:
-            self.state.last_hw = None
+        self.state.last_hw = (records[0].in_hw, records[-1].out_hw) if records else None
+
+
+def _composed(records: list[GridRecord]) -> Tensor | None:
+    """(B, H * W) map from the first record's cells to the last record's flat token index."""
+    if not records:
+        return None
+    composed = records[0].assignment
+    for record in records[1:]:
+        composed = record.assignment.gather(1, composed)
+    return composed
 
 
 def _window_budget(hw: tuple[int, int], removal: tuple[int, int], window: int) -> int:
@@ -284,12 +316,13 @@ def _window_budget(hw: tuple[int, int], removal: tuple[int, int], window: int) -
 
 
 def default_loc(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with ``loc`` set to a quarter of the depth where a single grid merge leaves it
-    out (or None): the same default as the configs' ``loc: null``."""
+    """``options`` with the backbone's default ``loc`` (a quarter of the depth; Hiera: the
+    start of its third stage) where a single grid merge leaves it out (or None): the same
+    default as the configs' ``loc: null``."""
     single = any(options.get(k) is not None for k in ("ratio", "r_h", "r_w"))
     if options.get("loc") is None and single and not options.get("stages") and options.get("r") is None:
         adapter = find_adapter(model)
-        return {**options, "loc": adapter.depth(adapter.target(model)) // 4}
+        return {**options, "loc": adapter.default_loc(adapter.target(model))}
     return options
 
 
@@ -307,16 +340,20 @@ def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) 
     if config.method == "none":
         return {"method": "none"}
     adapter.check(target, config)
-    hw = adapter.grid_size(target)
+    first = config.stages[0].loc if config.stages else 0
+    hw = adapter.grid_at(model, target, first)
     described: dict[str, Any] = {"method": config.method, "grid_in": list(hw), "tokens_in": hw[0] * hw[1]}
     if config.per_layer:
         schedule = parse_r(adapter.depth(target), config.r)
         # prefix tokens are never merged, so every merge takes one patch token away
         described.update(r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule))
         return described
-    window = adapter.window(target)
     stages = []
+    region = adapter.region(target, first)
     for stage in config.stages:
+        if adapter.region(target, stage.loc) != region:  # the earlier merges were recovered
+            region, hw = adapter.region(target, stage.loc), adapter.grid_at(model, target, stage.loc)
+        window = adapter.window_at(target, stage.loc)
         r_h, r_w = stage.removal(hw, window, config.align)
         if config.windowed:
             side = _window_budget(hw, (r_h, r_w), window)
@@ -343,7 +380,8 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def supported_types() -> list[str]:
-    return [f"{t.__module__}.{t.__qualname__}" for a in _ADAPTERS for t in a.model_types]
+    return [name for a in _ADAPTERS for name in a.type_names or
+            tuple(f"{t.__module__}.{t.__qualname__}" for t in a.model_types)]
 
 
 def find_adapter(model: nn.Module) -> Adapter:

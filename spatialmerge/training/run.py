@@ -24,7 +24,7 @@ import spatialmerge
 from spatialmerge import distributed
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.loggers import RunLogger
-from spatialmerge.pipeline import EvalContext, instantiate, merge_options, model_depth
+from spatialmerge.pipeline import EvalContext, instantiate, merge_options, model_default_loc
 from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import train_transform
 from spatialmerge.training.trainer import Trainer
@@ -98,7 +98,7 @@ def run_training(
     settings: TrainConfig = instantiate(cfg.trainer)
     seed_everything(settings.seed)  # the same initial weights on every process
     model = instantiate(cfg.model)
-    merge = merge_options(cfg.merge, model_depth(model))
+    merge = merge_options(cfg.merge, model_default_loc(model))
     if merge is not None:
         spatialmerge.patch(model, **merge)
     notes: list[str] = []

@@ -18,7 +18,12 @@ def test_benchmark_script_writes_every_column(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(out.read_text())
     rows = {(row["suite"], row["variant"]): row for row in payload["rows"]}
-    assert {suite for suite, _ in rows} == {"sam_b", "deit_b", "dinov3_b"}
+    assert {suite for suite, _ in rows} == {"sam_b", "sam2_b+", "deit_b", "dinov3_b"}
+    # SAM 2: merged in Hiera's stage 3, 64x64 -> 56x56 at its 1024 px, tokens of that stage
+    sam2 = rows[("sam2_b+", "cubist 56")]
+    assert sam2["tokens"] == 3136 and rows[("sam2_b+", "baseline")]["tokens"] == 4096
+    assert sam2["oracle_speedup"] == rows[("sam2_b+", "oracle 56")]["speedup"]
+    assert 0 < sam2["merge_share"] < 1
     cubist = rows[("sam_b", "cubist 56@1")]
     oracle = rows[("sam_b", "oracle 56@1")]
     assert cubist["tokens"] == oracle["tokens"] == 196  # 16x16 -> 14x14 at ratio 0.125

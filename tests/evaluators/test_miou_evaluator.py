@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from spatialmerge.data import CocoInstances
 from spatialmerge.evaluators import MIoUEvaluator
+from spatialmerge.evaluators.prompting import PromptPredictor
 from spatialmerge.pipeline import EvalContext
 
 
@@ -46,7 +46,7 @@ def test_encoder_once_per_image_and_one_decoder_batch_per_image(
 def test_predicted_masks_have_the_original_resolution(coco_root: Path, tiny_sam: Sam) -> None:
     item = CocoInstances(str(coco_root), prompt="point")[1]
     masks = MIoUEvaluator(prompt="point").predict_masks(
-        SamPredictor(tiny_sam), item["image"], item["prompts"]
+        PromptPredictor(tiny_sam), item["image"], item["prompts"]
     )
     assert masks.shape == (2, 40, 56) and masks.dtype == torch.bool
 
@@ -62,7 +62,7 @@ def test_perfect_predictions_score_100(
     dataset = CocoInstances(str(coco_root))
     gt = _gt_lookup(dataset)
 
-    def perfect(predictor: SamPredictor, image: np.ndarray, prompts: np.ndarray) -> torch.Tensor:
+    def perfect(predictor: PromptPredictor, image: np.ndarray, prompts: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(gt[prompts.tobytes()])
 
     evaluator = MIoUEvaluator(num_workers=2, progress=False)  # items come from worker processes
@@ -78,7 +78,7 @@ def test_one_missed_instance_of_four_scores_75(
     gt = _gt_lookup(dataset)
 
     def miss_the_last_instance_of_image_2(
-        predictor: SamPredictor, image: np.ndarray, prompts: np.ndarray
+        predictor: PromptPredictor, image: np.ndarray, prompts: np.ndarray
     ) -> torch.Tensor:
         masks = torch.from_numpy(gt[prompts.tobytes()].copy())
         if image.shape[:2] == (40, 56):

@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import spatialmerge
-from spatialmerge.pipeline import merge_options, model_depth
+from spatialmerge.models import model_info
+from spatialmerge.pipeline import merge_options, model_default_loc
 from spatialmerge.reporting import build_rows, collect_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +54,16 @@ def jobs(params) -> list[list[str]]:
 
 @lru_cache
 def meta_model(model_cfg_json: str) -> torch.nn.Module:
-    with torch.device("meta"):  # full-size architecture, no memory, no weights
-        return instantiate(json.loads(model_cfg_json), checkpoint=None)
+    """The full-size architecture without memory or weights; sam2's Hiera calls .item() while
+    building, which meta tensors cannot do, so SAM 2 is built for real (random weights)."""
+    cfg = json.loads(model_cfg_json)
+    on_meta = model_info(cfg["name"]).family != "sam2"
+    with torch.device("meta" if on_meta else "cpu"):
+        return instantiate(cfg, checkpoint=None)
 
 
 def test_the_promised_sweeps_exist():
-    assert {"sam_schedules", "deit_schedules", "cpu_throughput", "ablation_reduce", "ablation_metric",
+    assert {"sam_schedules", "sam2_schedules", "deit_schedules", "cpu_throughput", "ablation_reduce", "ablation_metric",
             "ablation_positions"} <= set(SWEEPS)
 
 
@@ -74,7 +79,7 @@ def test_every_job_of_a_sweep_composes_into_a_valid_merge(name):
     for overrides in launched:
         job = compose_eval([f"+sweep={name}", *overrides])
         model = meta_model(json.dumps(OmegaConf.to_container(job.model, resolve=True), sort_keys=True))
-        options = merge_options(job.merge, model_depth(model))
+        options = merge_options(job.merge, model_default_loc(model))
         assert options is not None, f"{overrides}: every job merges"
         # Validates the options and checks them against this backbone (loc < depth, metric, ...).
         spatialmerge.patch(model, **options)

@@ -51,8 +51,8 @@ def test_the_finetune_experiment_is_the_papers_deit_b_setting():
     cfg = compose_train("experiment=deit_b_finetune")
     assert cfg.task_name == "deit_b_finetune"
     assert cfg.model.name == "deit_b" and cfg.model.checkpoint.endswith("deit_base_patch16_224-b5f2ef4d.pth")
-    assert merge_options(cfg.merge, depth=12) == {
-        **merge_options(cfg.merge, depth=12),
+    assert merge_options(cfg.merge, default_loc=3) == {
+        **merge_options(cfg.merge, default_loc=3),
         "method": "cubist",
         "loc": 1,
         "r_h": 1,

@@ -1,0 +1,100 @@
+"""One prompt-to-mask interface over segment-anything's ``SamPredictor`` and sam2's
+``SAM2ImagePredictor``, so the COCO mIoU and fidelity protocols run both families the same way:
+the encoder once per image, then every prompt of the image as one batch, one mask per prompt
+(``multimask_output=False``), thresholded at the predictor's own ``mask_threshold`` (0.0) at the
+original resolution. Each predictor does its own pre-processing (SAM: longest side to 1024 and
+pad; SAM 2: resize to 1024 x 1024)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+
+from spatialmerge.adapters.hiera import loaded_sam2_types
+
+
+def _is_sam2(model: nn.Module) -> bool:
+    types = loaded_sam2_types()  # never imports sam2 itself: see its docstring
+    return types is not None and isinstance(model, types[0])
+
+
+def is_promptable(model: nn.Module) -> bool:
+    """Whether ``model`` is a whole SAM or SAM 2 (image encoder, prompt encoder, mask decoder)."""
+    return isinstance(model, Sam) or _is_sam2(model)
+
+
+class PromptPredictor:
+    """Masks for a batch of box or point prompts on one image, from a SAM or SAM 2 model.
+
+    Args:
+        model: a segment-anything ``Sam`` or a sam2 ``SAM2Base`` (patched or not).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if isinstance(model, Sam):
+            self.predictor: Any = SamPredictor(model)
+        elif _is_sam2(model):
+            from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+            self.predictor = SAM2ImagePredictor(model)
+        else:
+            raise TypeError(
+                f"{type(model).__module__}.{type(model).__qualname__} takes no prompts; the "
+                "mask protocols need a whole segment-anything Sam or sam2 SAM2Base"
+            )
+        self.size: tuple[int, int] = (0, 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Run the image encoder on ``image``, (H, W, 3) uint8 RGB."""
+        self.predictor.set_image(image)
+        self.size = image.shape[:2]
+
+    def image_embedding(self) -> Tensor:
+        """(1, C, h, w) image embedding the mask decoder reads."""
+        return self.predictor.get_image_embedding()
+
+    def masks(self, boxes: np.ndarray | None = None, points: np.ndarray | None = None) -> Tensor:
+        """One mask per prompt: ``boxes`` (K, 4) xyxy or ``points`` (K, 2) (x, y) foreground
+        clicks, in original-image pixels. Returns (K, H, W) bool on the predictor's device."""
+        if (boxes is None) == (points is None):
+            raise ValueError("give either boxes or points")
+        if isinstance(self.predictor, SamPredictor):
+            return self._sam_masks(boxes, points)
+        count = len(boxes if boxes is not None else points)
+        if points is not None:
+            masks, _, _ = self.predictor.predict(
+                point_coords=points[:, None, :], point_labels=np.ones((count, 1)), multimask_output=False
+            )
+        else:
+            masks, _, _ = self.predictor.predict(box=boxes, multimask_output=False)
+        # predict squeezes the prompt axis away when there is one prompt
+        masks = masks.reshape(count, *self.size)
+        return torch.from_numpy(masks > 0.5).to(self.device)
+
+    def _sam_masks(self, boxes: np.ndarray | None, points: np.ndarray | None) -> Tensor:
+        predictor = self.predictor
+        if boxes is not None:
+            boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=predictor.device)
+            boxes_t = predictor.transform.apply_boxes_torch(boxes_t, self.size)  # (K, 4)
+            masks, _, _ = predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
+        else:
+            points_t = torch.as_tensor(points, dtype=torch.float32, device=predictor.device)
+            coords = predictor.transform.apply_coords_torch(points_t[:, None], self.size)  # (K, 1, 2)
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
+            masks, _, _ = predictor.predict_torch(coords, labels, multimask_output=False)
+        return masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+
+    def reset(self) -> None:
+        if isinstance(self.predictor, SamPredictor):
+            self.predictor.reset_image()
+        else:
+            self.predictor.reset_predictor()

@@ -1,0 +1,100 @@
+"""SAM 2 through the COCO mIoU, fidelity and throughput paths, and `eval.py model=sam2_b+` end to
+end on a synthetic COCO with a checkpoint written here (random weights, reduced Hiera)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spatialmerge
+from spatialmerge.data import CocoInstances
+from spatialmerge.evaluators import FidelityEvaluator, MIoUEvaluator
+from spatialmerge.evaluators.prompting import PromptPredictor
+from spatialmerge.models import build_model
+from spatialmerge.pipeline import EvalContext
+
+ROOT = Path(__file__).resolve().parents[2]
+# Hiera at SAM 2's 1024 px with stages of 1, 1, 4, 1 blocks: stage 3 (blocks 2-5) on 64x64.
+TINY_TRUNK = {
+    "embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
+    "window_spec": [8, 4, 14, 7], "window_pos_embed_bkg_spatial_size": [7, 7],
+}
+MERGE = {"method": "cubist", "loc": 3, "ratio": 0.125, "align": "window"}
+
+
+@pytest.fixture(scope="module")
+def tiny_sam2():
+    torch.manual_seed(0)
+    model = build_model("sam2_t", trunk=TINY_TRUNK)
+    for parameter in model.image_encoder.trunk.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_miou_runs_on_sam2_with_one_mask_per_instance_at_image_size(coco_root, tiny_sam2, prompt):
+    dataset = CocoInstances(str(coco_root), prompt=prompt)
+    item = dataset[1]
+    evaluator = MIoUEvaluator(prompt=prompt, num_workers=0, progress=False)
+    masks = evaluator.predict_masks(PromptPredictor(tiny_sam2), item["image"], item["prompts"])
+    assert masks.shape == (2, 40, 56) and masks.dtype == torch.bool
+    result = evaluator.evaluate(tiny_sam2, dataset)
+    assert (result["instances"], result["images"]) == (4, 2)
+    assert 0.0 <= result["miou"] <= 100.0
+
+
+def test_a_single_prompt_keeps_its_prompt_axis(coco_root, tiny_sam2):
+    predictor = PromptPredictor(tiny_sam2)
+    predictor.set_image(CocoInstances(str(coco_root))[0]["image"])
+    assert predictor.masks(boxes=np.array([[8.0, 6.0, 24.0, 22.0]])).shape == (1, 48, 64)
+
+
+def test_the_merged_sam2_miou_comes_beside_the_unmerged_one(coco_root, tiny_sam2):
+    factory = partial(CocoInstances, str(coco_root))
+    evaluator = MIoUEvaluator(num_workers=0, progress=False)
+    both = evaluator.run(EvalContext(tiny_sam2, merge=MERGE, device="cpu", dataset_factory=factory))
+    alone = evaluator.run(EvalContext(tiny_sam2, merge=None, device="cpu", dataset_factory=factory))
+    assert both["unmerged_miou"] == pytest.approx(alone["miou"])
+    assert both["delta_miou"] == pytest.approx(both["miou"] - alone["miou"])
+    assert spatialmerge.patch_state(tiny_sam2) is None, "the caller's model is left unpatched"
+
+
+def test_fidelity_compares_sam2_masks_and_embeddings(coco_root, tiny_sam2):
+    images = [item["image"] for item in CocoInstances(str(coco_root))]
+    evaluator = FidelityEvaluator(points_per_side=2, num_workers=0, progress=False)
+    same = evaluator.evaluate(tiny_sam2, None, images)
+    assert same["kind"] == "sam" and same["mask_iou"] == 100.0 and same["embedding_cosine"] == pytest.approx(1.0)
+    merged = evaluator.evaluate(tiny_sam2, MERGE, images)
+    assert merged["embedding_cosine"] < 1.0 - 1e-6, "the merge changed the embedding"
+
+
+def test_eval_py_runs_sam2_coco_miou_with_merging_from_a_checkpoint(coco_root, tiny_sam2, tmp_path):
+    checkpoint = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": tiny_sam2.state_dict()}, checkpoint)
+    trunk = [f"+model.trunk.{key}={json.dumps(value).replace(' ', '')}" for key, value in TINY_TRUNK.items()]
+    done = subprocess.run(
+        [sys.executable, "eval.py", "model=sam2_t", f"model.checkpoint={checkpoint}", *trunk,
+         f"dataset.root={coco_root}", "merge.loc=3", "merge.align=window", "evaluator.miou.num_workers=0",
+         "evaluator.throughput.iters=1", "evaluator.throughput.warmup=0", f"paths.root_dir={tmp_path}"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "logs").glob("**/results.json")
+    payload = json.loads(results.read_text())
+    assert payload["status"] == "ok"
+    assert payload["schedule"]["stages"] == [
+        {"loc": 3, "r_h": 8, "r_w": 8, "grid_in": [64, 64], "grid_out": [56, 56]}
+    ]
+    miou = payload["metrics"]["miou"]
+    assert miou["instances"] == 4 and "unmerged_miou" in miou
+    assert payload["metrics"]["throughput"]["cubist"]["tokens"] == 3136
+    assert "ran: before block 3 64x64 -> 56x56" in done.stdout
