@@ -3,8 +3,9 @@
 Importing this package registers every supported family with ``patch``.
 """
 
-# each registers its families; hiera (SAM 2) without importing sam2, see hiera.loaded_sam2_types
-from spatialmerge.adapters import eva, hiera, sam, vit  # noqa: F401
+# each registers its families; hiera (SAM 2) and hf (transformers) without importing their
+# packages: a model of theirs can only exist once its package was imported
+from spatialmerge.adapters import eva, hf, hiera, sam, vit  # noqa: F401
 from spatialmerge.adapters.base import (
     Adapter,
     GridRun,

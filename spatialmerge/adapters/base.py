@@ -86,6 +86,10 @@ class Adapter:
         """Whether token positions come from RoPE, the only case ``positions`` changes."""
         return False
 
+    def pre_norm(self, block: nn.Module) -> nn.Module:
+        """The norm ``block`` applies before attention (the ``normed`` and ``keys`` metrics)."""
+        return block.norm1
+
     def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
         """Attention keys of ``block`` for normed tokens (..., C), averaged over heads."""
         raise NotImplementedError(f"metric=keys is not available for {self.name} backbones")
@@ -248,7 +252,7 @@ class GridRun:
         if self.config.metric == "tokens":
             return None
         with torch.no_grad():
-            normed = block.norm1(grid)
+            normed = self.adapter.pre_norm(block)(grid)
             return normed if self.config.metric == "normed" else self.adapter.keys(block, normed)
 
     def assignment(self) -> Tensor | None:

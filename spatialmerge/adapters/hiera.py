@@ -51,6 +51,12 @@ def loaded_sam2_types() -> tuple[type, type, type] | None:
     return SAM2Base, ImageEncoder, Hiera
 
 
+def is_sam2(model: nn.Module) -> bool:
+    """Whether ``model`` is a whole sam2 ``SAM2Base`` (without importing sam2)."""
+    types = loaded_sam2_types()
+    return types is not None and isinstance(model, types[0])
+
+
 def _hiera_forward(self: Hiera, x: Tensor) -> list[Tensor]:
     """Hiera's forward with the merge schedule: (B, 3, S, S) -> the stage outputs (B, C_s,
     H_s, W_s), each at its native size (merges are recovered at the end of their stage)."""

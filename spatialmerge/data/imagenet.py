@@ -82,4 +82,7 @@ def eval_transform(model: nn.Module) -> Callable:
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is not None and not getattr(model, "dynamic_img_size", False):
         config["input_size"] = (3, *tuple(size))
+    hf_size = getattr(getattr(model, "config", None), "image_size", None)
+    if isinstance(hf_size, int) and size is None:  # transformers: no pretrained_cfg, timm's defaults
+        config["input_size"] = (3, hf_size, hf_size)  # (ImageNet mean / std, bicubic, crop 0.875)
     return create_transform(**config)

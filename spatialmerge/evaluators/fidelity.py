@@ -38,6 +38,7 @@ from spatialmerge.data.coco import collate_list
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
 from spatialmerge.evaluators.metrics import mask_iou, segment_agreement
+from spatialmerge.adapters.hf import is_transformers_backbone, transformers_features
 from spatialmerge.evaluators.prompting import PromptPredictor, is_promptable
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 Kind = Literal["sam", "classifier", "features"]
 
 _SUPPORTED = (
-    "segment_anything.modeling.Sam, sam2 SAM2Base, timm VisionTransformer (DeiT; a classifier when "
+    "segment_anything.modeling.Sam, sam2 SAM2Base, transformers ViT / DeiT / DINOv2 / DINOv3 "
+    "models, timm VisionTransformer (DeiT; a classifier when "
     "num_classes > 0, else a feature backbone), timm Eva (DINOv3) and timm VisionTransformerSAM"
 )
 
@@ -59,7 +61,7 @@ def model_kind(model: nn.Module) -> Kind:
         return "sam"
     if isinstance(model, VisionTransformer):
         return "classifier" if model.num_classes > 0 else "features"
-    if isinstance(model, (Eva, VisionTransformerSAM)):
+    if isinstance(model, (Eva, VisionTransformerSAM)) or is_transformers_backbone(model):
         return "features"
     hint = (
         "; pass the whole Sam (its prompts and masks are what fidelity compares)"
@@ -142,8 +144,11 @@ def dense_features(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | N
     """A timm backbone's patch features as a grid, and its pooled output if it has one.
 
     images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C') or None). Prefix tokens (CLS,
-    registers) are left out of the grid; samvit's neck output already is the grid.
+    registers) are left out of the grid; samvit's neck output already is the grid. transformers
+    backbones go through :func:`~spatialmerge.adapters.hf.transformers_features`.
     """
+    if is_transformers_backbone(model):
+        return transformers_features(model, images)
     tokens = model.forward_features(images)
     if tokens.dim() == 4:  # samvit: (B, C, H, W)
         grid = tokens
@@ -366,7 +371,10 @@ class FidelityEvaluator:
             "segment_agreement": segment_agreement(grid, merged_grid, segments).sum(),
         }
         if pooled is not None and merged_pooled is not None:
-            name = "cls_cosine" if getattr(model, "global_pool", None) == "token" else "pooled_cosine"
+            by_token = getattr(model, "global_pool", None) == "token" or (
+                is_transformers_backbone(model) and getattr(model, "pooler", None) is None
+            )  # transformers DINOv2 / DINOv3 pool their CLS token
+            name = "cls_cosine" if by_token else "pooled_cosine"
             sums[name] = _cosine(pooled, merged_pooled, dim=1).sum()
         return sums
 

@@ -15,17 +15,12 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from spatialmerge.adapters.hiera import loaded_sam2_types
-
-
-def _is_sam2(model: nn.Module) -> bool:
-    types = loaded_sam2_types()  # never imports sam2 itself: see its docstring
-    return types is not None and isinstance(model, types[0])
+from spatialmerge.adapters.hiera import is_sam2
 
 
 def is_promptable(model: nn.Module) -> bool:
     """Whether ``model`` is a whole SAM or SAM 2 (image encoder, prompt encoder, mask decoder)."""
-    return isinstance(model, Sam) or _is_sam2(model)
+    return isinstance(model, Sam) or is_sam2(model)
 
 
 class PromptPredictor:
@@ -38,7 +33,7 @@ class PromptPredictor:
     def __init__(self, model: nn.Module) -> None:
         if isinstance(model, Sam):
             self.predictor: Any = SamPredictor(model)
-        elif _is_sam2(model):
+        elif is_sam2(model):
             from sam2.sam2_image_predictor import SAM2ImagePredictor
 
             self.predictor = SAM2ImagePredictor(model)

@@ -44,13 +44,16 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: SAM encoders' ``img_size``, SAM 2's ``image_size``, timm's
-    pretrained config."""
+    """(C, H, W) the model takes: SAM encoders' ``img_size``, SAM 2's ``image_size``, a
+    transformers model's ``config.image_size``, timm's pretrained config."""
     encoder = getattr(model, "image_encoder", model)
     if hasattr(encoder, "img_size") and isinstance(encoder.img_size, int):
         return 3, encoder.img_size, encoder.img_size
     if isinstance(getattr(model, "image_size", None), int):  # sam2 SAM2Base: a square input
         return 3, model.image_size, model.image_size
+    hf_size = getattr(getattr(model, "config", None), "image_size", None)  # transformers models
+    if isinstance(hf_size, int):
+        return 3, hf_size, hf_size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["sam", "sam2", "samvit", "vit", "eva"]
+Family = Literal["sam", "sam2", "samvit", "vit", "eva", "hf"]
 Task = Literal["segmentation", "classification", "features"]
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -38,7 +38,8 @@ class ModelInfo:
     Attributes:
         name: registry name, e.g. ``"sam_h"``.
         family: the code that builds it: ``"sam"`` (segment-anything ``Sam``), ``"sam2"``
-            (sam2 ``SAM2Base`` with a Hiera encoder), ``"samvit"``
+            (sam2 ``SAM2Base`` with a Hiera encoder), ``"hf"`` (a ``transformers`` base model),
+            ``"samvit"``
             (timm ``VisionTransformerSAM``), ``"vit"`` (timm ``VisionTransformer``, DeiT) or
             ``"eva"`` (timm ``Eva`` with DINOv3 RoPE).
         task: what its output is for: ``"segmentation"`` (promptable masks),
@@ -48,7 +49,8 @@ class ModelInfo:
         num_prefix_tokens: tokens in front of the patch grid (CLS, distillation, registers);
             merging never touches them.
         timm_name: the timm model name, or None for segment-anything models.
-        checkpoint_file: file name of the official weights.
+        checkpoint_file: file name of the official weights (``transformers`` models: the Hub
+            repository whose local copy ``from_pretrained`` reads).
         checkpoint_source: the release that publishes that file.
         checkpoint_url: a direct download link, or None where the release has none.
     """
@@ -85,6 +87,15 @@ def _sam2(name: str, file: str) -> ModelInfo:
     # Hiera's first stage sees the 1024-px input at stride 4 (256x256 tokens).
     return ModelInfo(
         name, "sam2", "segmentation", 1024, 4, 0, None, file, _SAM2_SOURCE, _SAM2_URL + file
+    )
+
+
+def _hf(name: str, repo: str, input_size: int, patch: int, prefix: int) -> ModelInfo:
+    return ModelInfo(
+        name, "hf", "features", input_size, patch, prefix, None, repo,
+        "the Hugging Face Hub; download it where a network is available (huggingface-cli download "
+        f"{repo} --local-dir <dir>) and point model.checkpoint at that directory",
+        f"https://huggingface.co/{repo}",
     )
 
 
@@ -142,6 +153,11 @@ _MODELS: dict[str, ModelInfo] = {
         _dinov3("dinov3_s", "vit_small_patch16_dinov3", "vits16_pretrain_lvd1689m-08c60483"),
         _dinov3("dinov3_b", "vit_base_patch16_dinov3", "vitb16_pretrain_lvd1689m-73cec8be"),
         _dinov3("dinov3_l", "vit_large_patch16_dinov3", "vitl16_pretrain_lvd1689m-8aa4cbdd"),
+        _hf("hf_vit_b", "google/vit-base-patch16-224-in21k", 224, 16, 1),
+        _hf("hf_deit_b", "facebook/deit-base-distilled-patch16-224", 224, 16, 2),
+        _hf("hf_dinov2_s", "facebook/dinov2-small", 518, 14, 1),
+        _hf("hf_dinov2_reg_s", "facebook/dinov2-with-registers-small", 518, 14, 5),
+        _hf("hf_dinov3_s", "facebook/dinov3-vits16-pretrain-lvd1689m", 224, 16, 5),
     )
 }
 

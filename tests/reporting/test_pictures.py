@@ -107,3 +107,18 @@ def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli
 def test_visualize_cli_explains_a_bad_schedule(image_png, visualize_cli, capsys):
     assert visualize_cli([str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.6"]) == 1
     assert "ratio=0.6" in capsys.readouterr().err
+
+
+def test_a_sam2_cell_map_is_drawn_on_the_hiera_stage_it_merged(image_png, tmp_path):
+    trunk = {"embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
+             "window_spec": [8, 4, 14, 7], "window_pos_embed_bkg_spatial_size": [7, 7]}
+    torch.manual_seed(0)
+    sam2 = build_model("sam2_t", trunk=trunk)
+    pixels, x = prepare_image(sam2, Image.open(image_png))
+    assert pixels.shape == (1024, 1024, 3), "SAM 2's 1024 x 1024 input"
+    found = cell_map(sam2, x, {"method": "cubist", "loc": 3, "ratio": 0.125, "align": "window"})
+    # stage 3's 64x64 grid (16 px cells) -> 56x56 tokens; the features are its FPN level
+    assert found.labels.shape == (64, 64) and found.out_hw == (56, 56) and found.tokens == 3136
+    assert set(found.labels.ravel().tolist()) == set(range(3136))
+    assert found.features.shape == (1, 256, 64, 64)
+    assert spatialmerge.patch_state(sam2) is None
