@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` vision backbones: ``ViTModel``, ``DeiTModel``, ``Dinov2Model``,
-``Dinov2WithRegistersModel`` and ``DINOv3ViTModel``.
+``Dinov2WithRegistersModel`` and ``DINOv3ViTModel``; and SAM's ``SamVisionEncoder`` (inside
+``SamModel`` and ``SamVisionModel``).
 
 Each of these models' ``forward`` embeds the image (prefix tokens first: CLS, DeiT's distillation
 token, registers; then the H x W patch tokens in raster order), runs its layer list and applies
@@ -14,6 +15,12 @@ left: ``positions="grid"`` asks the model's own ``rope_embeddings`` for an H' x 
 same normalised extent; ``positions="centroid"`` places each merged token at the mean normalised
 coordinate of the patches it holds (the module's own coordinate function, angles as it forms
 them), one table per image.
+
+SAM's vision encoder keeps a (B, H, W, C) grid with no prefix tokens, its window layers pad
+whatever grid they get and its attention interpolates its rel-pos tables to the grid it sees
+(``get_rel_pos``), as in segment-anything: the stock layers run on the reduced grid, which is
+recovered before the neck, so ``SamModel`` (and ``SamProcessor``'s post-processing) produce
+masks at the image's size unchanged. Expedite defaults to Expedit-SAM's per-window form there.
 
 What ``transformers`` would record on the way (``output_hidden_states``, ``output_attentions``)
 is per layer and unmerged-length by contract, so asking for it on a patched model raises instead
@@ -31,9 +38,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, register_adapter
+from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, keys_from_qkv, register_adapter
 from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.eva import centroid_coords
+from spatialmerge.adapters.sam import SamFamily, window_size
 
 
 @dataclass(frozen=True)
@@ -247,7 +255,77 @@ class TransformersAdapter(Adapter):
         return {"forward": _hf_forward}
 
 
+_SAM_MODULE = "transformers.models.sam.modeling_sam"
+
+
+def _sam_classes() -> tuple[type, ...]:
+    """(SamModel, SamVisionModel, SamVisionEncoder), or () while transformers is not imported."""
+    module = sys.modules.get(_SAM_MODULE)
+    if module is None:
+        return ()
+    return module.SamModel, module.SamVisionModel, module.SamVisionEncoder
+
+
+def _hf_sam_encoder_forward(self: nn.Module, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
+    """``SamVisionEncoder.forward`` with the merge schedule: (B, 3, S, S) ->
+    ``SamVisionEncoderOutput`` with the neck's (B, C_out, H, W) on the full grid."""
+    module = sys.modules[_SAM_MODULE]
+    if pixel_values is None:
+        raise ValueError("You have to specify pixel_values")
+    return_dict = kwargs.pop("return_dict", None)
+    _refuse_unmerged_extras(self, None, kwargs)
+    hidden = self.patch_embed(pixel_values)  # (B, H, W, C)
+    if self.pos_embed is not None:
+        hidden = hidden + self.pos_embed
+    run = getattr(self, STATE_ATTR).run(self)
+    for i, layer in enumerate(self.layers):
+        hidden = run.before_block(i, hidden, layer)  # (B, H', W', C) from the merge on
+        with window_size(layer, run.block_window):
+            hidden = layer(hidden)
+    hidden = run.recover(hidden)  # (B, H, W, C)
+    run.finish()
+    output = module.SamVisionEncoderOutput(last_hidden_state=self.neck(hidden))
+    return output.to_tuple() if return_dict is False else output
+
+
+class TransformersSamAdapter(SamFamily):
+    """transformers ``SamModel`` / ``SamVisionModel`` (patches their vision encoder) or a bare
+    ``SamVisionEncoder``."""
+
+    name = "transformers SAM"
+    type_names = tuple(f"{_SAM_MODULE}.{name}" for name in ("SamModel", "SamVisionModel", "SamVisionEncoder"))
+
+    def matches(self, model: nn.Module) -> bool:
+        classes = _sam_classes()
+        return bool(classes) and isinstance(model, classes)
+
+    def target(self, model: nn.Module) -> nn.Module:
+        classes = _sam_classes()
+        return model if isinstance(model, classes[2]) else model.vision_encoder
+
+    def depth(self, target: nn.Module) -> int:
+        return len(target.layers)
+
+    def grid_size(self, target: nn.Module) -> tuple[int, int]:
+        side = target.config.image_size // target.config.patch_size
+        return side, side
+
+    def window(self, target: nn.Module) -> int | None:
+        sizes = [layer.window_size for layer in target.layers if layer.window_size > 0]
+        return max(sizes) if sizes else None
+
+    def pre_norm(self, block: nn.Module) -> nn.Module:
+        return block.layer_norm1
+
+    def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
+        return keys_from_qkv(block.attn.qkv, normed, block.attn.num_attention_heads)
+
+    def overrides(self) -> dict[str, Callable[..., Any]]:
+        return {"forward": _hf_sam_encoder_forward}
+
+
 register_adapter(TransformersAdapter())
+register_adapter(TransformersSamAdapter())
 
 
 def is_transformers_backbone(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> T
     run = getattr(encoder, STATE_ATTR).run(encoder)
     for i, block in enumerate(encoder.blocks):
         x = run.before_block(i, x, block)  # (B, H', W', C) from the merge location on
-        with _window_size(block, run.block_window):
+        with window_size(block, run.block_window):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
@@ -46,7 +46,7 @@ def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> T
 
 
 @contextmanager
-def _window_size(block: nn.Module, side: int | None) -> Iterator[None]:
+def window_size(block: nn.Module, side: int | None) -> Iterator[None]:
     """Run a window-attention block with windows of ``side`` (Expedit-SAM: after per-window
     clustering the grid is tiled in side x side windows). The block is the stock one: its
     rel-pos tables, sized for the original window, are interpolated by its own ``get_rel_pos``.
@@ -79,7 +79,10 @@ def _timm_samvit_forward_features(self: VisionTransformerSAM, x: Tensor) -> Tens
     return self.neck(x.permute(0, 3, 1, 2))
 
 
-class _SamFamily(Adapter):
+class SamFamily(Adapter):
+    """What every SAM image encoder shares: a prefix-free grid, window and global blocks,
+    Expedit-SAM's defaults; subclasses say where the blocks are."""
+
     def check(self, target: nn.Module, config: MergeConfig) -> None:
         if config.per_layer:
             raise ValueError(
@@ -110,7 +113,7 @@ class _SamFamily(Adapter):
         return keys_from_qkv(block.attn.qkv, normed, block.attn.num_heads)
 
 
-class SegmentAnythingAdapter(_SamFamily):
+class SegmentAnythingAdapter(SamFamily):
     """segment-anything ``Sam`` (patches its image encoder) or a bare ``ImageEncoderViT``."""
 
     name = "segment-anything SAM"
@@ -123,7 +126,7 @@ class SegmentAnythingAdapter(_SamFamily):
         return {"forward": _sam_encoder_forward}
 
 
-class TimmSamAdapter(_SamFamily):
+class TimmSamAdapter(SamFamily):
     """timm ``VisionTransformerSAM`` (``samvit_base/large/huge_patch16``)."""
 
     name = "timm samvit"

@@ -51,7 +51,8 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
         return 3, encoder.img_size, encoder.img_size
     if isinstance(getattr(model, "image_size", None), int):  # sam2 SAM2Base: a square input
         return 3, model.image_size, model.image_size
-    hf_size = getattr(getattr(model, "config", None), "image_size", None)  # transformers models
+    encoder = getattr(model, "vision_encoder", model)  # transformers SamModel
+    hf_size = getattr(getattr(encoder, "config", None), "image_size", None)  # transformers models
     if isinstance(hf_size, int):
         return 3, hf_size, hf_size
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -68,8 +69,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def timed_module(model: nn.Module) -> nn.Module:
-    """The part whose speed merging changes: SAM's image encoder, else the whole model."""
-    return getattr(model, "image_encoder", model)
+    """The part whose speed merging changes: SAM's image encoder (transformers SAM: its vision
+    encoder), else the whole model."""
+    return getattr(model, "image_encoder", None) or getattr(model, "vision_encoder", model)
 
 
 def count_flops(module: nn.Module, x: Tensor) -> int:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from spatialmerge.models.checkpoints import PathLike, read_state_dict
@@ -37,6 +38,8 @@ HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hf_dinov3_s": ("DINOv3ViTConfig", "DINOv3ViTModel", {
         "num_register_tokens": 4, "layerscale_value": 1.0e-5,
     }),
+    # facebook/sam-vit-base (SamModel: vision encoder, prompt encoder, mask decoder)
+    "hf_sam_b": ("SamConfig", "SamModel", {}),
 }
 # Families whose position encoding follows any input size (DINOv2 interpolates its table at
 # every call, DINOv3 builds RoPE for the grid it gets), so ``image_size`` may differ from the
@@ -97,6 +100,8 @@ def build_hf_model(
     """
     transformers = _transformers()
     config_name, model_name, released = HF_MODELS[name]
+    # nested options (e.g. SAM's vision_config) come from Hydra as DictConfig: plain containers
+    config = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in config.items()}
     model_class = getattr(transformers, model_name)
     if checkpoint is not None and checkpoint != EMBEDDED_SOURCE:
         if config:

@@ -90,9 +90,9 @@ def _sam2(name: str, file: str) -> ModelInfo:
     )
 
 
-def _hf(name: str, repo: str, input_size: int, patch: int, prefix: int) -> ModelInfo:
+def _hf(name: str, repo: str, input_size: int, patch: int, prefix: int, task: Task = "features") -> ModelInfo:
     return ModelInfo(
-        name, "hf", "features", input_size, patch, prefix, None, repo,
+        name, "hf", task, input_size, patch, prefix, None, repo,
         "the Hugging Face Hub; download it where a network is available (huggingface-cli download "
         f"{repo} --local-dir <dir>) and point model.checkpoint at that directory",
         f"https://huggingface.co/{repo}",
@@ -158,6 +158,7 @@ _MODELS: dict[str, ModelInfo] = {
         _hf("hf_dinov2_s", "facebook/dinov2-small", 518, 14, 1),
         _hf("hf_dinov2_reg_s", "facebook/dinov2-with-registers-small", 518, 14, 5),
         _hf("hf_dinov3_s", "facebook/dinov3-vits16-pretrain-lvd1689m", 224, 16, 5),
+        _hf("hf_sam_b", "facebook/sam-vit-base", 1024, 16, 0, task="segmentation"),
     )
 }
 

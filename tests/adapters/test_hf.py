@@ -4,6 +4,7 @@ the same real weights, and loud about what they cannot return."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -219,3 +220,86 @@ def test_a_from_pretrained_directory_loads_offline_and_patches(tmp_path, images)
         build_model("hf_vit_b", checkpoint=tmp_path / "dinov2")
     with pytest.raises(ValueError, match="takes only its checkpoint's 224 px"):
         build_model("hf_vit_b", checkpoint=None, image_size=448)
+
+
+@pytest.fixture(scope="module")
+def hf_sam():
+    """A transformers SamModel with a 4-layer, 32-wide vision encoder at SAM's 1024 px (64x64
+    grid, 14-windows, layers 1 and 3 global), its weights drawn wide so merging shows."""
+    torch.manual_seed(0)
+    vision = transformers.SamVisionConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_dim=64, global_attn_indexes=[1, 3],
+        window_size=14, image_size=1024, patch_size=16,
+    )
+    model = transformers.SamModel(transformers.SamConfig(vision_config=vision.to_dict())).eval()
+    for parameter in model.vision_encoder.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sam_inputs():
+    processor = transformers.SamProcessor(transformers.SamImageProcessor())
+    picture = np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)
+    return processor, processor(images=picture, input_boxes=[[[10, 20, 150, 250]]], return_tensors="pt")
+
+
+@torch.no_grad()
+def test_transformers_sam_zero_reduction_is_exact_and_cubist_equals_a_hand_written_encoder(hf_sam, sam_inputs):
+    encoder, x = hf_sam.vision_encoder, sam_inputs[1]["pixel_values"]
+    expected = hf_sam.get_image_embeddings(x)
+    spatialmerge.patch(hf_sam, "cubist", loc=1, r_h=0, r_w=0)
+    try:
+        assert torch.equal(hf_sam.get_image_embeddings(x), expected)
+        t = encoder.patch_embed(x) + encoder.pos_embed
+        t = encoder.layers[0](t)
+        t, record = cubist_merge(t, 8, 5)
+        for layer in encoder.layers[1:]:
+            t = layer(t)
+        reference_embedding = encoder.neck(cubist_recover(t, record))
+        spatialmerge.patch(hf_sam, "cubist", loc=1, r_h=8, r_w=5)
+        torch.testing.assert_close(hf_sam.get_image_embeddings(x), reference_embedding, atol=1e-5, rtol=1e-5)
+    finally:
+        spatialmerge.unpatch(hf_sam)
+    assert torch.equal(hf_sam.get_image_embeddings(x), expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("method", "reduced"), [("cubist", 56), ("tome", 56), ("expedite", 55), ("pool", 56)])
+def test_sam_model_and_processor_give_masks_at_image_size_from_a_patched_encoder(hf_sam, sam_inputs, method, reduced):
+    processor, inputs = sam_inputs
+    spatialmerge.patch(hf_sam, method, loc=1, ratio=0.125, align="window")
+    try:
+        out = hf_sam(**inputs, multimask_output=False)
+        state = spatialmerge.patch_state(hf_sam)
+    finally:
+        spatialmerge.unpatch(hf_sam)
+    masks = processor.image_processor.post_process_masks(
+        out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+    )
+    assert masks[0].shape == (1, 1, 300, 200)
+    # expedite is Expedit-SAM's per-window clustering here too: 5 x 5 windows of 11 x 11
+    assert state.last_hw == ((64, 64), (reduced, reduced))
+
+
+def test_transformers_sam_refuses_what_it_cannot_return(hf_sam, sam_inputs):
+    spatialmerge.patch(hf_sam, "cubist", loc=1, ratio=0.125)
+    try:
+        with pytest.raises(ValueError, match="output_hidden_states=True on a token-merging SamVisionEncoder"):
+            hf_sam.vision_encoder(sam_inputs[1]["pixel_values"], output_hidden_states=True)
+        with pytest.raises(ValueError, match="per-layer ToMe"):
+            spatialmerge.patch(hf_sam, "tome", r=4)
+    finally:
+        spatialmerge.unpatch(hf_sam)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_automodel_from_a_local_directory_patches_in_one_call(name, tmp_path, images):
+    tiny(name).save_pretrained(tmp_path / name)
+    model = transformers.AutoModel.from_pretrained(tmp_path / name, local_files_only=True).eval()
+    assert type(model).__name__ == name
+    spatialmerge.patch(model, "cubist", loc=3, ratio=0.1)  # 8x8 -> 7x7 before the last layer
+    out = model(pixel_values=images)
+    assert out.last_hidden_state.shape == (2, FAMILIES[name][1] + 49, 32)
+    assert spatialmerge.patch_state(model).last_hw == ((8, 8), (7, 7))

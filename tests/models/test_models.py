@@ -51,7 +51,7 @@ TINY: dict[str, dict[str, object]] = {
 ALL_NAMES = [
     "sam_b", "sam_l", "sam_h", "sam2_t", "sam2_s", "sam2_b+", "sam2_l", "samvit_b", "samvit_l", "samvit_h",
     "deit_t", "deit_s", "deit_b", "deit_b_distilled", "dinov2_s", "dinov3_s", "dinov3_b", "dinov3_l",
-    "hf_vit_b", "hf_deit_b", "hf_dinov2_s", "hf_dinov2_reg_s", "hf_dinov3_s",
+    "hf_vit_b", "hf_deit_b", "hf_dinov2_s", "hf_dinov2_reg_s", "hf_dinov3_s", "hf_sam_b",
 ]
 
 
@@ -78,7 +78,7 @@ def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 def test_every_name_is_registered_with_complete_info() -> None:
     assert available_models() == ALL_NAMES
-    families = {"sam": {"segmentation"}, "sam2": {"segmentation"}, "samvit": {"features"}, "hf": {"features"},
+    families = {"sam": {"segmentation"}, "sam2": {"segmentation"}, "samvit": {"features"}, "hf": {"features", "segmentation"},
                 "vit": {"classification", "features"}, "eva": {"features"}}
     for name in ALL_NAMES:
         info = model_info(name)
