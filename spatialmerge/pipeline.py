@@ -167,8 +167,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             f"(model={cfg.model.name} model.checkpoint=/path/to/{info.checkpoint_file})"
         )
     ctx = EvalContext(model, merge, str(cfg.device), instantiate(cfg.dataset) if "dataset" in cfg else None)
+    return {"merge": merge, "schedule": schedule, "metrics": run_evaluators(cfg, ctx), "notes": notes}
+
+
+def run_evaluators(cfg: DictConfig, ctx: EvalContext) -> dict[str, Any]:
+    """Every evaluator of ``cfg.evaluator`` on ``ctx``, in order: ``{name: metrics}``, each
+    with the seconds it took."""
     metrics: dict[str, Any] = {}
-    for name, evaluator_cfg in evaluators.items():
+    for name, evaluator_cfg in dict(cfg.evaluator).items():
         evaluator = instantiate(evaluator_cfg)
         if name == "throughput" and not distributed.is_main():
             continue  # timing is per device; rank 0's is the one reported
@@ -176,7 +182,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         start = time.perf_counter()
         metrics[name] = evaluator.run(ctx)
         metrics[name]["seconds"] = time.perf_counter() - start
-    return {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": notes}
+    return metrics
 
 
 def record(

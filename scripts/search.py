@@ -1,0 +1,123 @@
+"""Search merge schedules: the speed / quality Pareto front, and the most faithful schedule at a
+speed target, for your model, data and evaluators.
+
+    python scripts/search.py --target-speedup 1.5                     # the default eval config: trained DINOv2-S, 12 photos
+    python scripts/search.py model=sam_b model.checkpoint=... dataset.root=/data/coco \\
+        evaluator.miou.max_images=200 --target-speedup 1.25 --trials 40
+    python scripts/search.py --methods tome --dir logs/search/tome  # the same search for a baseline
+    python scripts/search.py ... --dir <the same directory>         # resume a killed search
+
+Positional arguments are eval.py overrides (model, dataset, evaluator, device); every trial is
+measured as eval.py measures it (the evaluators' quality, the throughput evaluator's in-process
+speed-up against the unmerged model). The directory receives study.db (Optuna's SQLite study:
+resumable), trials/<n>/results.json, report.md / report.csv / pareto.png, search.json, and
+merge/chosen.yaml plus merge/front_<n>.yaml, which eval.py loads with
+``hydra.searchpath=[file://<dir>] merge=chosen``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spatialmerge.jobs import USER_ERRORS  # noqa: E402
+from spatialmerge.pipeline import instantiate  # noqa: E402
+from spatialmerge.reporting.pareto import plot_pareto  # noqa: E402
+from spatialmerge.reporting.table import build_rows, collect_results, write_report  # noqa: E402
+from spatialmerge.search import SEARCH_METHODS, ScheduleSearch, SearchSpace, front_table, write_outputs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="eval.py config overrides, e.g. model=sam_b dataset.root=...")
+    parser.add_argument("--trials", type=int, default=30, help="finished trials the study should hold")
+    parser.add_argument("--target-speedup", type=float, default=None,
+                        help="write merge/chosen.yaml: the most faithful schedule at or above this speed-up")
+    parser.add_argument("--methods", default="cubist", help=f"comma-separated, of {', '.join(SEARCH_METHODS)}")
+    parser.add_argument("--max-stages", type=int, default=2, help="cubist merges at most this often (1 or 2)")
+    parser.add_argument("--min-ratio", type=float, default=0.02, help="smallest per-axis share one merge removes")
+    parser.add_argument("--max-ratio", type=float, default=0.45, help="largest per-axis share one merge removes")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="keep each method's defaults (cubist reduce / metric, Expedite temperature)")
+    parser.add_argument("--quality", default=None,
+                        help="evaluator/metric to maximise, e.g. fidelity/feature_cosine (default: the first "
+                             "of miou/miou, top1/top1, fidelity/feature_cosine, ... the evaluators report)")
+    parser.add_argument("--dir", type=Path, default=None, help="study directory (default: logs/search/<time>)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    args = parser.parse_args(argv)
+    if args.trials < 1:
+        parser.error(f"--trials {args.trials} must be >= 1")
+    if args.target_speedup is not None and args.target_speedup <= 0:
+        parser.error(f"--target-speedup {args.target_speedup} must be > 0, e.g. 1.5")
+    directory = args.dir or ROOT / "logs" / "search" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        space = SearchSpace(
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+            max_stages=args.max_stages,
+            min_ratio=args.min_ratio,
+            max_ratio=args.max_ratio,
+            variants=not args.no_variants,
+        )
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=args.overrides)
+        search = ScheduleSearch(cfg, directory, space, quality=args.quality, seed=args.seed)
+        logger = instantiate(cfg.logger) if "logger" in cfg else None
+        if logger is not None:
+            logger.start(directory, search.setup, name="schedule search", group=None)
+        print(f"study: {directory} ({search.finished()} finished trial(s) so far)", flush=True)
+
+        def report_trial(entry: dict) -> None:
+            if entry["state"] == "complete":
+                text = f"{entry['speedup']:.2f}x, {entry['quality_key']} {entry['quality']:.4f}"
+            else:
+                text = f"{entry['state']}: {entry['reason']}"
+            print(f"trial {entry['number']}: {entry['merge']['method']} {entry['schedule'] or ''} -> {text}", flush=True)
+            if logger is not None and entry["state"] == "complete":
+                logger.log({"search/speedup": entry["speedup"], "search/quality": entry["quality"]}, step=entry["number"])
+
+        search.run(args.trials, on_trial=report_trial)
+    except (HydraException, *USER_ERRORS) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    result = search.result(args.target_speedup)
+    outputs = write_outputs(result, args.target_speedup)
+    rows = build_rows(collect_results(directory / "trials")) if (directory / "trials").is_dir() else []
+    if rows:
+        plot = plot_pareto(rows, directory / "pareto.png")
+        write_report(rows, directory, [directory / "trials"], plot=plot.name if plot else None)
+    pruned = sum(t["state"] == "pruned" for t in result.trials)
+    failed = sum(t["state"] == "fail" for t in result.trials)
+    print(f"\n{len(result.trials)} trials: {len(result.trials) - pruned - failed} measured, {pruned} pruned "
+          f"(schedules the backbone cannot run), {failed} failed; Pareto front:")
+    print(front_table(result))
+    command = ["python", "eval.py", *args.overrides, f"hydra.searchpath=[file://{Path(directory).resolve()}]"]
+    if args.target_speedup is not None:
+        if result.chosen is None:
+            print(f"no measured schedule reached {args.target_speedup}x; the front above is what the "
+                  "search found (more --trials, or a lower target)")
+        else:
+            chosen = result.chosen
+            print(f"chosen for >= {args.target_speedup}x: trial {chosen['number']}, {chosen['merge']['method']} "
+                  f"{chosen['schedule']}: {chosen['speedup']:.2f}x, {chosen['quality_key']} {chosen['quality']:.4f}")
+            print("evaluate it again: " + shlex.join([*command, "merge=chosen"]))
+    if logger is not None:
+        summary = {"search/trials": len(result.trials), "search/front": len(result.front)}
+        if result.chosen is not None:
+            summary.update({"search/chosen_speedup": result.chosen["speedup"], "search/chosen_quality": result.chosen["quality"]})
+        logger.summary(summary)
+        logger.finish("ok")
+    print("wrote " + ", ".join(str(p) for p in outputs.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

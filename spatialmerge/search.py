@@ -1,0 +1,344 @@
+"""Schedule search: given a model, data and evaluators, find the merge schedules on the
+speed / quality Pareto front and the most faithful one at a speed target.
+
+Built on Optuna (multi-objective TPE): each trial proposes a schedule (method and its variant,
+one or two merges, where and how much, window alignment where the backbone has windows),
+measures it exactly as ``eval.py`` does (every configured evaluator, the throughput one timing
+it against the unmerged model in the same process) and records the run as a ``results.json``
+under ``trials/<number>/``, so ``scripts/report.py`` reads a study like any sweep. The study
+lives in an SQLite database in its directory: a killed search resumes where it stopped, finished
+trials are never rerun, and a schedule that cannot run (a ratio too large for its grid, a merge
+on a Hiera q-pool block) is recorded as pruned with the reason instead of crashing the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import spatialmerge
+from spatialmerge.adapters import find_adapter
+from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators, with_backbone_defaults
+from spatialmerge.reporting.table import schedule_text
+from spatialmerge.results import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.db"
+SEARCH_METHODS = ("cubist", "tome", "expedite")
+# The quality each evaluator's metrics offer, in the order a search prefers them.
+QUALITY_KEYS = (
+    "miou/miou", "top1/top1", "fidelity/feature_cosine", "fidelity/mask_iou", "fidelity/top1_agreement",
+)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial may propose.
+
+    Attributes:
+        methods: merge methods to choose from (``cubist``, single-layer ``tome``, ``expedite``).
+        max_stages: cubist may merge up to this many times (1 or 2); the others merge once.
+        min_ratio / max_ratio: per-axis share of rows and columns removed by one merge.
+        variants: also search cubist's ``reduce`` and ``metric`` and Expedite's temperature
+            (reference or ``auto``); off, each method runs its defaults.
+    """
+
+    methods: tuple[str, ...] = ("cubist",)
+    max_stages: int = 1
+    min_ratio: float = 0.02
+    max_ratio: float = 0.45
+    variants: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SEARCH_METHODS]
+        if not self.methods or unknown:
+            raise ValueError(
+                f"search methods {list(self.methods)}: choose from {', '.join(SEARCH_METHODS)}"
+            )
+        if self.max_stages not in (1, 2):
+            raise ValueError(f"max_stages={self.max_stages} must be 1 or 2")
+        if not 0 < self.min_ratio < self.max_ratio < 0.5:
+            raise ValueError(
+                f"ratios [{self.min_ratio}, {self.max_ratio}] must satisfy 0 < min < max < 0.5"
+            )
+
+
+def suggest_merge(trial: optuna.Trial, space: SearchSpace, depth: int, windows: bool) -> dict[str, Any]:
+    """The ``spatialmerge.patch`` options trial ``trial`` proposes for a backbone of ``depth``
+    blocks (``windows``: whether it has attention windows to align to)."""
+    method = trial.suggest_categorical("method", list(space.methods))
+    stages = trial.suggest_int("stages", 1, space.max_stages) if method == "cubist" and space.max_stages > 1 else 1
+    schedule = []
+    low = 0
+    for k in range(stages):
+        # a later merge needs a later block; the first leaves room for the others
+        loc = trial.suggest_int(f"loc{k}", low, depth - stages + k)
+        ratio = trial.suggest_float(f"ratio{k}", space.min_ratio, space.max_ratio, step=0.005)
+        schedule.append([loc, round(ratio, 3)])  # the step's float arithmetic, rounded away
+        low = loc + 1
+    merge: dict[str, Any] = {"method": method}
+    if stages == 1:
+        merge.update(loc=schedule[0][0], ratio=schedule[0][1])
+    else:
+        merge["stages"] = schedule
+    if windows:
+        merge["align"] = trial.suggest_categorical("align", ["none", "window"])
+    if space.variants and method == "cubist":
+        merge["reduce"] = trial.suggest_categorical("reduce", ["maxmag", "mean", "maxnorm"])
+        merge["metric"] = trial.suggest_categorical("metric", ["tokens", "keys", "normed"])
+    if space.variants and method == "expedite":
+        if trial.suggest_categorical("temperature", ["reference", "auto"]) == "auto":
+            merge["temperature"] = "auto"
+    return merge
+
+
+def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str, float]:
+    """(key, value) of the quality a trial is judged by: ``key`` (``evaluator/metric``), or the
+    first of ``QUALITY_KEYS`` the metrics hold."""
+    for candidate in [key] if key else QUALITY_KEYS:
+        evaluator, _, name = candidate.partition("/")
+        value = metrics.get(evaluator, {}).get(name)
+        if isinstance(value, (int, float)):
+            return candidate, float(value)
+    offered = sorted(f"{e}/{k}" for e, v in metrics.items() if isinstance(v, dict) for k in v)
+    raise ValueError(
+        f"no quality {key or ' / '.join(QUALITY_KEYS)} in the trial's metrics; the configured "
+        f"evaluators report {', '.join(offered) or 'nothing'}: add evaluator=features (fidelity) "
+        "or name one of those with --quality"
+    )
+
+
+@dataclass
+class SearchResult:
+    """A finished (or resumed) search: every trial and what it chose."""
+
+    directory: Path
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    front: list[int] = field(default_factory=list)
+    chosen: dict[str, Any] | None = None
+
+
+class ScheduleSearch:
+    """One study: a composed ``eval`` config (model, dataset, evaluators), a space, a directory.
+
+    Args:
+        cfg: the ``eval`` config (its ``merge`` is replaced per trial); its evaluators must
+            include ``throughput``.
+        directory: where the study database, the trials' records and the outputs go; an
+            existing study there is resumed, and refused if it was started with other settings.
+        space: what trials may propose.
+        quality: ``evaluator/metric`` to maximise beside the speed-up; None picks the first of
+            ``QUALITY_KEYS`` the evaluators report.
+        seed: the sampler's seed.
+    """
+
+    def __init__(
+        self, cfg: DictConfig, directory: Path, space: SearchSpace, quality: str | None = None, seed: int = 0
+    ) -> None:
+        if "throughput" not in cfg.evaluator:
+            raise ValueError(
+                f"the search measures speed with the throughput evaluator, but the configured "
+                f"evaluators are {', '.join(cfg.evaluator) or 'none'}; use e.g. evaluator=features "
+                "(fidelity + throughput) or evaluator=segmentation (miou + throughput)"
+            )
+        self.cfg = cfg
+        self.directory = Path(directory)
+        self.space = space
+        self.quality = quality
+        self.setup = {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True) if "dataset" in cfg else None,
+            "evaluator": OmegaConf.to_container(cfg.evaluator, resolve=True),
+            "device": str(cfg.device),
+            "space": asdict(space),
+            "quality": quality,
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search reports its own trials
+        storage = f"sqlite:///{(self.directory / STUDY_FILE).resolve()}"
+        self.study = optuna.create_study(
+            study_name="schedule_search",
+            storage=storage,
+            directions=["maximize", "maximize"],
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            load_if_exists=True,
+        )
+        saved = self.study.user_attrs.get("setup")
+        if saved is None:
+            self.study.set_user_attr("setup", self.setup)
+        elif saved != _jsonable(self.setup):
+            changed = sorted(k for k in self.setup if _jsonable(self.setup[k]) != saved.get(k))
+            raise ValueError(
+                f"{self.directory} holds a search started with other settings ({', '.join(changed)} "
+                "differ); resume it with the same model, data, evaluators and space, or search in a "
+                "new directory"
+            )
+        self._close_interrupted()
+        self.model: nn.Module | None = None
+
+    def _close_interrupted(self) -> None:
+        """Trials left running by a killed search are marked failed: they are not rerun, and the
+        sampler proposes afresh."""
+        interrupted = list(self.study.user_attrs.get("interrupted", []))
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            interrupted.append(trial.number)
+            log.warning("trial %d was interrupted by a killed search: recorded as failed", trial.number)
+        self.study.set_user_attr("interrupted", interrupted)
+
+    def finished(self) -> int:
+        done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        return len(self.study.get_trials(deepcopy=False, states=done))
+
+    def run(self, trials: int, on_trial: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Run trials until the study holds ``trials`` finished ones (resumed studies count the
+        trials they already have); ``on_trial`` receives each finished trial's entry."""
+        remaining = trials - self.finished()
+        if remaining <= 0:
+            log.info("the study already holds %d finished trials", self.finished())
+            return
+        if self.model is None:
+            torch.manual_seed(self.cfg.seed)  # random weights are the same on every resume
+            self.model = instantiate(self.cfg.model)
+        callbacks = [] if on_trial is None else [lambda study, trial: on_trial(self._entry(trial))]
+        self.study.optimize(self._objective, n_trials=remaining, catch=(Exception,), callbacks=callbacks)
+
+    def _objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        model = self.model
+        adapter = find_adapter(model)
+        target = adapter.target(model)
+        merge = suggest_merge(trial, self.space, adapter.depth(target), adapter.window(target) is not None)
+        merge = with_backbone_defaults(model, merge)
+        trial.set_user_attr("merge", merge)
+        trial.set_user_attr("schedule", schedule_text(merge))
+        try:
+            schedule = spatialmerge.describe_schedule(model, **merge)
+        except ValueError as err:  # a schedule this backbone cannot run: pruned, with the reason
+            trial.set_user_attr("invalid", str(err))
+            raise optuna.TrialPruned(str(err)) from None
+        run_dir = self.directory / "trials" / str(trial.number)
+        cfg = self._trial_config(merge)
+        started = time.time()
+        ctx = EvalContext(model, merge, str(cfg.device), instantiate(cfg.dataset) if "dataset" in cfg else None)
+        try:
+            metrics = run_evaluators(cfg, ctx)
+        except Exception as err:
+            record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": {}, "notes": []},
+                   "failed", f"{type(err).__name__}: {err}", started)
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            spatialmerge.unpatch(model)
+        outcome = {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": [f"search trial {trial.number}"]}
+        record(run_dir, cfg, outcome, "ok", None, started)
+        speedup = float(metrics["throughput"][merge["method"]]["speedup"])
+        key, quality = quality_of(metrics, self.quality)
+        trial.set_user_attr("quality_key", key)
+        trial.set_user_attr("tokens_out", schedule.get("tokens_out"))
+        log.info("trial %d: %s %s -> %.2fx, %s %.4f", trial.number, merge["method"], schedule_text(merge),
+                 speedup, key, quality)
+        return speedup, quality
+
+    def _trial_config(self, merge: Mapping[str, Any]) -> DictConfig:
+        """The eval config of one trial: the study's, with this trial's merge."""
+        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
+        cfg.merge = dict(merge)
+        return cfg
+
+    def result(self, target_speedup: float | None = None) -> SearchResult:
+        """Every trial, the Pareto front of the completed ones and, with ``target_speedup``, the
+        most faithful schedule at or above it (None if none reached it)."""
+        from spatialmerge.reporting.pareto import pareto_front
+
+        trials = [self._entry(trial) for trial in self.study.get_trials(deepcopy=False)]
+        complete = [t for t in trials if t["state"] == "complete"]
+        front = [complete[i]["number"] for i in pareto_front([(t["speedup"], t["quality"]) for t in complete])]
+        chosen = None
+        if target_speedup is not None:
+            reaching = [t for t in complete if t["speedup"] >= target_speedup]
+            chosen = max(reaching, key=lambda t: (t["quality"], t["speedup"])) if reaching else None
+        return SearchResult(self.directory, trials, front, chosen)
+
+
+    def _entry(self, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        """One trial as the outputs list it."""
+        reason = trial.user_attrs.get("invalid") or trial.user_attrs.get("error")
+        if reason is None and trial.number in self.study.user_attrs.get("interrupted", []):
+            reason = "interrupted (the search was killed)"
+        return {
+            "number": trial.number,
+            "state": trial.state.name.lower(),
+            "merge": trial.user_attrs.get("merge"),
+            "schedule": trial.user_attrs.get("schedule"),
+            "speedup": trial.values[0] if trial.values else None,
+            "quality": trial.values[1] if trial.values else None,
+            "quality_key": trial.user_attrs.get("quality_key"),
+            "reason": reason,
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from the study's storage (JSON)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def write_outputs(result: SearchResult, target_speedup: float | None) -> dict[str, Path]:
+    """Into the study directory: ``search.json`` (every trial, the front, the choice), one merge
+    config per front point (``merge/front_<trial>.yaml``) and ``merge/chosen.yaml`` for the
+    target's choice, each loadable with ``hydra.searchpath=[file://<study dir>] merge=<name>``.
+    Files of earlier invocations are replaced only by this study's own, never another's."""
+    out: dict[str, Path] = {}
+    merge_dir = result.directory / "merge"
+    merge_dir.mkdir(exist_ok=True)
+    by_number = {t["number"]: t for t in result.trials}
+    for stale in merge_dir.glob("*.yaml"):  # the front of an earlier call of this same study
+        stale.unlink()
+    for number in result.front:
+        path = merge_dir / f"front_{number}.yaml"
+        _write_merge(path, by_number[number], "on the Pareto front")
+        out[path.stem] = path
+    if result.chosen is not None:
+        path = merge_dir / "chosen.yaml"
+        _write_merge(path, result.chosen, f"the most faithful at >= {target_speedup}x")
+        out["chosen"] = path
+    summary = {
+        "target_speedup": target_speedup,
+        "chosen": result.chosen,
+        "front": [by_number[n] for n in result.front],
+        "trials": result.trials,
+    }
+    write_json_atomic(result.directory / "search.json", summary)
+    out["search"] = result.directory / "search.json"
+    return out
+
+
+def _write_merge(path: Path, trial: Mapping[str, Any], why: str) -> None:
+    header = (
+        f"# Trial {trial['number']} of a schedule search, {why}: measured {trial['speedup']:.3f}x, "
+        f"{trial['quality_key']} {trial['quality']:.4f}.\n"
+    )
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(dict(trial["merge"]))))
+
+
+def front_table(result: SearchResult) -> str:
+    """The front as a markdown table, fastest last."""
+    by_number = {t["number"]: t for t in result.trials}
+    lines = ["| trial | method | schedule | speed-up | quality |", "|---|---|---|---|---|"]
+    for number in result.front:
+        t = by_number[number]
+        lines.append(
+            f"| {number} | {t['merge']['method']} | {t['schedule']} | {t['speedup']:.2f}x | "
+            f"{t['quality_key']} {t['quality']:.4f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""scripts/search.py on a tiny random DeiT and two real photos: the study, its records and report,
+a loadable choice that reproduces its measured fidelity, resume after a kill, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from spatialmerge.search import STUDY_FILE, SearchSpace, quality_of
+
+ROOT = Path(__file__).resolve().parents[2]
+# 4 blocks on an 8x8 grid, fidelity on two photos, two timed rounds: about a second a trial
+TINY = [
+    "model=deit_t", "model.checkpoint=null", "+model.img_size=128", "+model.depth=4", "+model.num_classes=0",
+    "dataset=photos", "+dataset.names=[astronaut,coffee]", "evaluator=features", "evaluator.throughput.iters=2",
+    "evaluator.throughput.warmup=0", "+evaluator.throughput.progress=false", "+evaluator.fidelity.progress=false",
+    "evaluator.fidelity.num_workers=0", "logger=none",
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("search_script", ROOT / "scripts" / "search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _load_script()
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def search(directory: Path, *args: str, overrides: list[str] = TINY) -> Done:
+    """``scripts/search.py`` in this process (its main, as the command line calls it)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = SCRIPT.main([*overrides, "--dir", str(directory), "--min-ratio", "0.1", *args])
+        except SystemExit as exit_:  # argparse's errors
+            code = exit_.code
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def study(directory: Path) -> optuna.Study:
+    return optuna.load_study(study_name="schedule_search", storage=f"sqlite:///{directory / STUDY_FILE}")
+
+
+def test_a_search_writes_its_study_records_report_and_a_choice_that_reproduces(tmp_path):
+    directory = tmp_path / "study"
+    done = search(directory, "--trials", "4", "--target-speedup", "0.01")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((directory / "search.json").read_text())
+    assert len(summary["trials"]) == 4 and (directory / STUDY_FILE).is_file()
+    complete = [t for t in summary["trials"] if t["state"] == "complete"]
+    assert complete, summary["trials"]
+    for trial in complete:  # each measured trial is a run record, as eval.py writes them
+        record = json.loads((directory / "trials" / str(trial["number"]) / "results.json").read_text())
+        assert record["status"] == "ok" and record["merge"] == trial["merge"]
+        assert record["metrics"]["fidelity"]["feature_cosine"] == pytest.approx(trial["quality"])
+    for trial in summary["trials"]:
+        if trial["state"] == "pruned":
+            assert "rounds to r_h=r_w=0" in trial["reason"] or "out of range" in trial["reason"]
+    assert (directory / "report.md").is_file() and (directory / "pareto.png").stat().st_size > 0
+    assert summary["front"] and all(t["state"] == "complete" for t in summary["front"])
+    chosen = summary["chosen"]
+    assert chosen["quality"] == max(t["quality"] for t in complete), "the most faithful at >= 0.01x"
+    assert OmegaConf.load(directory / "merge" / "chosen.yaml") == OmegaConf.create(chosen["merge"])
+    assert "merge=chosen" in done.stdout
+
+    again = subprocess.run(
+        [sys.executable, "eval.py", *TINY, f"hydra.searchpath=[file://{directory}]", "merge=chosen",
+         f"paths.root_dir={tmp_path / 'again'}"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    (results,) = (tmp_path / "again").glob("**/results.json")
+    measured = json.loads(results.read_text())["metrics"]["fidelity"]["feature_cosine"]
+    assert measured == pytest.approx(chosen["quality"], abs=1e-6), "the chosen config reproduces its fidelity"
+
+
+def test_a_killed_search_resumes_without_rerunning_or_losing_finished_trials(tmp_path):
+    directory = tmp_path / "study"
+    process = subprocess.Popen(
+        [sys.executable, "scripts/search.py", *TINY, "--dir", str(directory), "--min-ratio", "0.1", "--trials", "200"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((directory / "trials").glob("*/results.json"))[1:]:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {t.number: (t.state, t.params, t.values) for t in study(directory).get_trials()}
+    records = {p: p.read_bytes() for p in (directory / "trials").glob("*/results.json")}
+    assert len(records) >= 2, "the search measured two trials before it was killed"
+    finished = sum(state != optuna.trial.TrialState.RUNNING for state, _, _ in before.values())
+    running = [n for n, (state, _, _) in before.items() if state == optuna.trial.TrialState.RUNNING]
+
+    done = search(directory, "--trials", str(len(before) + 2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = {t.number: t for t in study(directory).get_trials()}
+    for number, (state, params, values) in before.items():
+        if state != optuna.trial.TrialState.RUNNING:  # finished trials: kept as they were, not rerun
+            assert (after[number].state, after[number].params, after[number].values) == (state, params, values)
+    for number in running:
+        assert after[number].state == optuna.trial.TrialState.FAIL
+    summary = json.loads((directory / "search.json").read_text())
+    assert all(t["reason"] == "interrupted (the search was killed)" for t in summary["trials"] if t["number"] in running)
+    assert len(after) == len(before) + 2 and finished + len(running) == len(before)
+    for path, content in records.items():
+        assert path.read_bytes() == content, f"{path} was rewritten"
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    directory = tmp_path / "study"
+    assert search(directory, "--trials", "1").returncode == 0
+    other = [o if o != "+model.depth=4" else "+model.depth=3" for o in TINY]
+    done = search(directory, "--trials", "2", overrides=other)
+    assert done.returncode == 1
+    assert "holds a search started with other settings (model differ)" in done.stderr
+
+
+def test_a_target_no_schedule_reaches_is_said_and_nothing_is_chosen(tmp_path):
+    done = search(tmp_path / "study", "--trials", "2", "--target-speedup", "100")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no measured schedule reached 100.0x" in done.stdout
+    assert not (tmp_path / "study" / "merge" / "chosen.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trials", "0"], "--trials 0 must be >= 1"),
+        (["--target-speedup", "-1"], "--target-speedup -1.0 must be > 0"),
+        (["--methods", "magic"], "search methods \\['magic'\\]: choose from cubist, tome, expedite"),
+        (["--max-stages", "3"], "max_stages=3 must be 1 or 2"),
+    ],
+)
+def test_bad_search_options_name_the_fix(tmp_path, args, message):
+    done = search(tmp_path / "study", *args)
+    assert done.returncode != 0
+    assert __import__("re").search(message, done.stderr), done.stderr[-2000:]
+
+
+def test_a_search_without_a_speed_measurement_is_refused(tmp_path):
+    overrides = [o for o in TINY if "throughput" not in o and o != "evaluator=features"] + ["evaluator=fidelity"]
+    done = search(tmp_path / "study", "--trials", "1", overrides=overrides)
+    assert done.returncode == 1 and "measures speed with the throughput evaluator" in done.stderr
+
+
+def test_the_quality_is_the_asked_metric_or_a_clear_error():
+    metrics = {"fidelity": {"feature_cosine": 0.9, "cls_cosine": 0.8}, "throughput": {}}
+    assert quality_of(metrics) == ("fidelity/feature_cosine", 0.9)
+    assert quality_of(metrics, "fidelity/cls_cosine") == ("fidelity/cls_cosine", 0.8)
+    with pytest.raises(ValueError, match="report fidelity/cls_cosine, fidelity/feature_cosine"):
+        quality_of(metrics, "miou/miou")
+    with pytest.raises(ValueError, match="0 < min < max < 0.5"):
+        SearchSpace(min_ratio=0.3, max_ratio=0.2)
