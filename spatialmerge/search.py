@@ -334,11 +334,21 @@ def _write_merge(path: Path, trial: Mapping[str, Any], why: str) -> None:
 def front_table(result: SearchResult) -> str:
     """The front as a markdown table, fastest last."""
     by_number = {t["number"]: t for t in result.trials}
-    lines = ["| trial | method | schedule | speed-up | quality |", "|---|---|---|---|---|"]
+    lines = ["| trial | method | variant | schedule | speed-up | quality |", "|---|---|---|---|---|---|"]
     for number in result.front:
         t = by_number[number]
         lines.append(
-            f"| {number} | {t['merge']['method']} | {t['schedule']} | {t['speedup']:.2f}x | "
-            f"{t['quality_key']} {t['quality']:.4f} |"
+            f"| {number} | {t['merge']['method']} | {variant_text(t['merge'])} | {t['schedule']} | "
+            f"{t['speedup']:.2f}x | {t['quality_key']} {t['quality']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def variant_text(merge: Mapping[str, Any]) -> str:
+    """The searched options of a merge that are not its method's defaults, or "-"."""
+    defaults = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
+    parts = [f"{key}={merge[key]}" for key in ("reduce", "metric", "align")
+             if merge.get(key) not in (None, defaults[key])]
+    if merge.get("method") == "expedite":
+        parts.append(f"t={merge.get('temperature')}")
+    return " ".join(parts) or "-"

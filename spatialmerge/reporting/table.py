@@ -365,10 +365,15 @@ def describe_setup(rows: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+PIVOT_MAX_COLUMNS = 16
+
+
 def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The sweep at a glance: one line per method, one column per schedule, each cell
-    ``accuracy / speed-up`` (``speed-up`` alone without an accuracy). Empty when fewer than two
-    schedules or methods share the table, or no row succeeded.
+    ``accuracy / speed-up`` (``speed-up`` alone without an accuracy); schedules that are not one
+    ``loc`` + amount (several stages, per-layer ToMe) are listed below the table. Empty when
+    fewer than two methods share it, no row succeeded, or there are more than
+    ``PIVOT_MAX_COLUMNS`` schedules (a search rather than a sweep: the full table says it all).
 
     Only successful rows of the first group take part; a schedule a method did not run is ``-``.
     """
@@ -382,7 +387,7 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     schedules = sorted(dict.fromkeys(r["schedule"] for r in grid), key=lambda text: [
         float(part) if part.replace(".", "", 1).isdigit() else part for part in re.split(r"[= ]", text)
     ])
-    if len(methods) < 2 or not schedules:
+    if len(methods) < 2 or not schedules or len(schedules) > PIVOT_MAX_COLUMNS:
         return ""
     cells: dict[tuple[str, str], str] = {}
     for row in grid:
@@ -395,10 +400,13 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         if any((method, schedule) in cells for schedule in schedules):
             lines.append(f"| {method} | " + " | ".join(cells.get((method, s), "-") for s in schedules) + " |")
     others = [r for r in ok if not r["schedule"].startswith("loc=")]
+    if others:
+        lines.append("")
+        lines.append("Other schedules:")
     for row in sorted(others, key=_sort_key):
         speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         value = f"{row['value']:.3f} / " if row.get("value") is not None else ""
-        lines.append(f"| {row['method']} {row['schedule']} | {value}{speed} |" + " |" * (len(schedules) - 1))
+        lines.append(f"- {row['method']} {row['schedule']}: {value}{speed}")
     return "\n".join(lines)
 
 

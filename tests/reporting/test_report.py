@@ -286,3 +286,32 @@ def test_a_results_file_holding_a_list_is_an_unreadable_row(tmp_path):
     (bad,) = [r for r in rows if r["status"] == "failed"]
     assert "holds a JSON list, not a run record" in bad["error"]
     assert any(r["status"] == "ok" for r in rows)
+
+
+def _pivot_row(method, schedule, speedup, value):
+    return {"status": "ok", "group": "g", "method": method, "schedule": schedule, "speedup": speedup, "value": value,
+            "run": schedule}
+
+
+def test_the_pivot_puts_grid_schedules_in_columns_and_lists_the_others_below():
+    from spatialmerge.reporting.table import pivot_markdown
+
+    rows = [
+        _pivot_row("cubist", "loc=2 ratio=0.1", 1.2, 0.99), _pivot_row("tome", "loc=2 ratio=0.1", 1.19, 0.98),
+        _pivot_row("cubist", "loc=4 ratio=0.2", 1.4, 0.97),
+        _pivot_row("cubist", "stages=[[0,0.2],[3,0.3]]", 2.5, 0.9),
+    ]
+    text = pivot_markdown(rows).splitlines()
+    assert text[0] == "| method | loc=2 ratio=0.1 | loc=4 ratio=0.2 |"
+    assert text[2] == "| cubist | 0.990 / 1.20x | 0.970 / 1.40x |"
+    assert text[3] == "| tome | 0.980 / 1.19x | - |"
+    # a schedule with no loc column is listed, not put under another schedule's column
+    assert text[-2:] == ["Other schedules:", "- cubist stages=[[0,0.2],[3,0.3]]: 0.900 / 2.50x"]
+
+
+def test_a_search_with_many_schedules_gets_no_pivot():
+    from spatialmerge.reporting.table import PIVOT_MAX_COLUMNS, pivot_markdown
+
+    rows = [_pivot_row(m, f"loc={i} ratio=0.1", 1.1, 0.9) for i in range(PIVOT_MAX_COLUMNS + 1) for m in ("cubist", "tome")]
+    assert pivot_markdown(rows) == ""
+    assert pivot_markdown(rows[: 2 * PIVOT_MAX_COLUMNS]) != ""

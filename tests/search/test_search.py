@@ -174,3 +174,16 @@ def test_the_quality_is_the_asked_metric_or_a_clear_error():
         quality_of(metrics, "miou/miou")
     with pytest.raises(ValueError, match="0 < min < max < 0.5"):
         SearchSpace(min_ratio=0.3, max_ratio=0.2)
+
+
+def test_each_measured_trial_goes_to_the_configured_logger(tmp_path):
+    overrides = [o for o in TINY if o != "logger=none"] + ["logger=jsonl"]
+    done = search(tmp_path / "study", "--trials", "2", overrides=overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "study" / "metrics.jsonl").read_text().splitlines()]
+    logged = {row["step"]: row["metrics"] for row in rows if row["event"] == "log"}
+    summary = json.loads((tmp_path / "study" / "search.json").read_text())
+    measured = {t["number"]: t for t in summary["trials"] if t["state"] == "complete"}
+    assert set(logged) == set(measured)
+    for number, trial in measured.items():
+        assert logged[number]["search/quality"] == pytest.approx(trial["quality"])
