@@ -9,6 +9,10 @@ under ``trials/<number>/``, so ``scripts/report.py`` reads a study like any swee
 lives in an SQLite database in its directory: a killed search resumes where it stopped, finished
 trials are never rerun, and a schedule that cannot run (a ratio too large for its grid, a merge
 on a Hiera q-pool block) is recorded as pruned with the reason instead of crashing the search.
+
+Optuna is driven directly on the config ``eval.py`` composes, rather than through Hydra's Optuna
+sweeper plugin: hydra-optuna-sweeper 1.2.0 pins optuna < 3, and a sweeper job rebuilds the model
+and data for every trial.
 """
 
 from __future__ import annotations
