@@ -15,7 +15,12 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from spatialmerge.models.checkpoints import PathLike, read_state_dict
+from spatialmerge.models.checkpoints import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    PathLike,
+    read_state_dict,
+)
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, embedded_checkpoint
 
 # Registry name -> (config class, model class, configuration of the released checkpoint).
@@ -140,12 +145,15 @@ def build_hf_model(
 
 def _from_directory(model_class: type, directory: Path, name: str) -> nn.Module:
     """``model_class.from_pretrained(directory)`` offline, refusing a directory of another class."""
+    if not directory.exists():
+        raise CheckpointNotFoundError(directory.absolute(), name)
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
-            f"model.checkpoint={directory} for {name!r} is not a transformers model directory (no "
-            "config.json there); point it at a folder written by save_pretrained, e.g. a local "
-            "copy of the model's Hugging Face Hub repository"
+        raise CheckpointFormatError(
+            directory,
+            f"not a transformers model directory for {name!r} (no config.json there); point "
+            "model.checkpoint at a folder written by save_pretrained, e.g. a local copy of the "
+            "model's Hugging Face Hub repository",
         )
     saved = json.loads(config_file.read_text()).get("architectures") or []
     if saved and model_class.__name__ not in saved and not any(a.startswith(model_class.__name__[:-5]) for a in saved):

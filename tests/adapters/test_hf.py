@@ -15,7 +15,7 @@ from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.data.photos import SkimagePhotos
 from spatialmerge.evaluators import FidelityEvaluator
 from spatialmerge.merging import cubist_merge, cubist_recover
-from spatialmerge.models import build_model
+from spatialmerge.models import CheckpointFormatError, CheckpointNotFoundError, build_model
 
 SMALL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
              patch_size=8)
@@ -214,8 +214,11 @@ def test_a_from_pretrained_directory_loads_offline_and_patches(tmp_path, images)
         assert torch.equal(model.state_dict()[key], value), key
     spatialmerge.patch(model, "cubist", loc=1, ratio=0.25)
     assert model(pixel_values=images).last_hidden_state.shape == (2, 1 + 36, 32)
-    with pytest.raises(FileNotFoundError, match="no config.json there"):
+    with pytest.raises(CheckpointNotFoundError, match=r"for model 'hf_dinov2_s'.*facebook/dinov2-small"):
         build_model("hf_dinov2_s", checkpoint=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointFormatError, match="no config.json there"):
+        build_model("hf_dinov2_s", checkpoint=tmp_path / "empty")
     with pytest.raises(ValueError, match="holds a Dinov2Model, not a ViTModel"):
         build_model("hf_vit_b", checkpoint=tmp_path / "dinov2")
     with pytest.raises(ValueError, match="takes only its checkpoint's 224 px"):
