@@ -98,8 +98,22 @@ class Adapter:
         """Methods of the patched subclass, by name."""
         raise NotImplementedError
 
+    def per_layer_refusal(self, target: nn.Module) -> str | None:
+        """Why faithful per-layer ToMe cannot run on ``target`` ("is not supported on X: ..."),
+        or None where it can (timm's VisionTransformer)."""
+        return None
+
+    # what to use instead of per-layer ToMe, after the single-layer form on the grid
+    per_layer_alternative: str = ""
+
     def check(self, target: nn.Module, config: MergeConfig) -> None:
         """Reject a config this backbone cannot run, with a message naming the fix."""
+        refusal = self.per_layer_refusal(target) if config.per_layer else None
+        if refusal:
+            raise ValueError(
+                f"per-layer ToMe (method='tome' with r=...) {refusal}; use single-layer ToMe on the "
+                f"grid (method='tome', loc=..., ratio=... or r_h/r_w){self.per_layer_alternative}"
+            )
         if config.method not in self.methods:
             raise ValueError(
                 f"method={config.method!r} is not supported on {self.name} backbones; "

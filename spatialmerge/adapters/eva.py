@@ -245,14 +245,12 @@ class TimmEvaAdapter(Adapter):
     def has_rope(self, target: nn.Module) -> bool:
         return target.rope is not None
 
+    def per_layer_refusal(self, target: nn.Module) -> str | None:
+        return "is not supported on timm Eva / DINOv3: it leaves an unordered token set that RoPE cannot place"
+
+    per_layer_alternative = ", or a timm VisionTransformer (e.g. DeiT) for per-layer ToMe"
+
     def check(self, target: nn.Module, config: MergeConfig) -> None:
-        if config.per_layer:
-            raise ValueError(
-                "per-layer ToMe (method='tome' with r=...) is not supported on timm Eva / DINOv3: "
-                "it leaves an unordered token set that RoPE cannot place; use single-layer ToMe on "
-                "the grid (method='tome', loc=..., ratio=... or r_h/r_w), or a timm "
-                "VisionTransformer (e.g. DeiT) for per-layer ToMe"
-            )
         super().check(target, config)
         rope = target.rope
         supported = rope is None or isinstance(rope, RotaryEmbeddingDinoV3)

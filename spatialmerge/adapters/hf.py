@@ -39,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, keys_from_qkv, register_adapter
-from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.eva import centroid_coords
 from spatialmerge.adapters.sam import SamFamily, window_size
 
@@ -241,15 +240,10 @@ class TransformersAdapter(Adapter):
         keys = attention.k_proj(normed)  # (..., heads * head_dim)
         return keys.unflatten(-1, (heads, keys.shape[-1] // heads)).mean(-2)  # (..., head_dim)
 
-    def check(self, target: nn.Module, config: MergeConfig) -> None:
-        if config.per_layer:
-            raise ValueError(
-                f"per-layer ToMe (method='tome' with r=...) is not available on transformers' "
-                f"{type(target).__name__}: its attention takes no proportional-attention bias; use "
-                "the timm model (model=deit_b ...) for faithful ToMe, or single-layer ToMe on the "
-                "grid (method='tome', loc=..., ratio=...)"
-            )
-        super().check(target, config)
+    def per_layer_refusal(self, target: nn.Module) -> str | None:
+        return f"is not available on transformers' {type(target).__name__}: its attention takes no proportional-attention bias"
+
+    per_layer_alternative = ", or the timm model (model=deit_b ...) for faithful ToMe"
 
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _hf_forward}

@@ -57,7 +57,7 @@ def is_sam2(model: nn.Module) -> bool:
     return types is not None and isinstance(model, types[0])
 
 
-def _hiera_forward(self: Hiera, x: Tensor) -> list[Tensor]:
+def _hiera_forward(self: nn.Module, x: Tensor) -> list[Tensor]:
     """Hiera's forward with the merge schedule: (B, 3, S, S) -> the stage outputs (B, C_s,
     H_s, W_s), each at its native size (merges are recovered at the end of their stage)."""
     x = self.patch_embed(x)  # (B, H, W, C)
@@ -122,13 +122,13 @@ class HieraAdapter(Adapter):
     def keys(self, block: nn.Module, normed: Tensor) -> Tensor:
         return keys_from_qkv(block.attn.qkv, normed, block.attn.num_heads)
 
+    def per_layer_refusal(self, target: nn.Module) -> str | None:
+        return (
+            "is not supported on SAM 2's Hiera: it leaves an unordered token set that window "
+            "attention and q-pooling cannot run on"
+        )
+
     def check(self, target: nn.Module, config: MergeConfig) -> None:
-        if config.per_layer:
-            raise ValueError(
-                "per-layer ToMe (method='tome' with r=...) is not supported on SAM 2's Hiera: it "
-                "leaves an unordered token set that window attention and q-pooling cannot run "
-                "on; use single-layer ToMe on the grid (method='tome', loc=..., ratio=...)"
-            )
         if config.windowed:
             raise ValueError(
                 "windowed=true (Expedit-SAM's per-window clustering) is not available on SAM 2's "

@@ -19,7 +19,6 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
-from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.base import (
     STATE_ATTR,
     Adapter,
@@ -83,15 +82,13 @@ class SamFamily(Adapter):
     """What every SAM image encoder shares: a prefix-free grid, window and global blocks,
     Expedit-SAM's defaults; subclasses say where the blocks are."""
 
-    def check(self, target: nn.Module, config: MergeConfig) -> None:
-        if config.per_layer:
-            raise ValueError(
-                "per-layer ToMe (method='tome' with r=...) is not supported on SAM encoders: it "
-                "leaves an unordered token set that window attention and relative positions "
-                "cannot run on; use single-layer ToMe on the grid (method='tome', loc=..., "
-                "ratio=... or r_h/r_w), the paper's baseline for SAM"
-            )
-        super().check(target, config)
+    def per_layer_refusal(self, target: nn.Module) -> str | None:
+        return (
+            "is not supported on SAM encoders: it leaves an unordered token set that window "
+            "attention and relative positions cannot run on"
+        )
+
+    per_layer_alternative = ", the paper's baseline for SAM"
 
     # Expedit-SAM's encoder defaults: each 14x14 window clustered on its own.
     expedite_defaults: dict[str, Any] = {

@@ -7,7 +7,6 @@ import copy
 import importlib.util
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
