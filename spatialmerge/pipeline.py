@@ -21,6 +21,7 @@ from torch import nn
 import spatialmerge
 from spatialmerge import distributed
 from spatialmerge.adapters import find_adapter
+from spatialmerge.adapters.config import default_prop_attn
 from spatialmerge.models import model_info
 from spatialmerge.results import RESULTS_FILE, environment, write_json_atomic
 
@@ -86,6 +87,9 @@ def merge_options(merge: Mapping[str, Any], default_loc: int) -> dict[str, Any] 
             chosen = {"loc": loc, "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
         else:
             chosen = {"loc": loc, "ratio": schedule["ratio"]}
+    # what runs, not only what was asked: null is the method's own default
+    if options.get("prop_attn") is None:
+        options["prop_attn"] = default_prop_attn(method, "r" in chosen)
     return {"method": method, **chosen, **options}
 
 
@@ -267,4 +271,5 @@ def _merge_text(merge: Mapping[str, Any] | None) -> str:
     if merge is None:
         return "none"
     keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
-    return merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)
+    text = merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)
+    return text + (" prop_attn" if merge.get("prop_attn") else "")

@@ -52,8 +52,9 @@ class SearchSpace:
         methods: merge methods to choose from (``cubist``, single-layer ``tome``, ``expedite``).
         max_stages: cubist may merge up to this many times (1 or 2); the others merge once.
         min_ratio / max_ratio: per-axis share of rows and columns removed by one merge.
-        variants: also search cubist's ``reduce`` and ``metric`` and Expedite's temperature
-            (reference or ``auto``); off, each method runs its defaults.
+        variants: also search cubist's ``reduce`` and ``metric``, Expedite's temperature
+            (reference or ``auto``) and, for every method, ``prop_attn``; off, each method runs
+            its defaults.
     """
 
     methods: tuple[str, ...] = ("cubist",)
@@ -102,6 +103,9 @@ def suggest_merge(trial: optuna.Trial, space: SearchSpace, depth: int, windows: 
     if space.variants and method == "expedite":
         if trial.suggest_categorical("temperature", ["reference", "auto"]) == "auto":
             merge["temperature"] = "auto"
+    if space.variants:
+        # every method may use it, so fronts compare like with like
+        merge["prop_attn"] = trial.suggest_categorical("prop_attn", [False, True])
     return merge
 
 
@@ -355,4 +359,6 @@ def variant_text(merge: Mapping[str, Any]) -> str:
              if merge.get(key) not in (None, defaults[key])]
     if merge.get("method") == "expedite":
         parts.append(f"t={merge.get('temperature')}")
+    if merge.get("prop_attn"):
+        parts.append("prop_attn")
     return " ".join(parts) or "-"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spatialmerge.adapters.config import MergeConfig
-from spatialmerge.merging.grid import GridRecord, reduce_grid, reduce_windows
+from spatialmerge.merging.grid import GridRecord, reduce_grid, reduce_windows, window_partition
 from spatialmerge.merging.tome import parse_r
 
 STATE_ATTR = "_spatialmerge"
@@ -223,6 +223,8 @@ class GridRun:
         self.stages = {stage.loc: stage for stage in state.config.stages}
         self.records: list[GridRecord] = []
         self.closed: list[GridRecord] = []  # the records of the last region ended
+        self._sizes: Tensor | None = None  # (B, H', W') of the open merges, with prop_attn
+        self._unit_sizes = False
 
     @property
     def block_window(self) -> int | None:
@@ -257,10 +259,44 @@ class GridRun:
                 self.config.method, grid, (h - r_h, w - r_w), metric=metric,
                 **self.config.grid_options(),
             )
+        self.records.append(record)
+        if self.config.prop_attn:
+            self._sizes = _cell_sizes(self.records)
+            # nothing merged (r_h = r_w = 0): no bias at all, so the blocks run exactly as unpatched
+            self._unit_sizes = bool((self._sizes == 1).all())
         if merge_clock.enabled:
             merge_clock.stop(grid.device, started)
-        self.records.append(record)
         return grid
+
+    def cell_sizes(self) -> Tensor | None:
+        """(B, H', W') float32: how many original patches each token of the current grid covers
+        (summing to H * W; an empty Expedite cluster covers 0), while ``prop_attn`` is on and a
+        merge is open; else None."""
+        return self._sizes
+
+    def key_bias(self, num_prefix: int, dtype: torch.dtype) -> Tensor | None:
+        """Proportional attention as an additive mask over the keys of a sequence of
+        ``num_prefix`` prefix tokens then the current grid in raster order: (B, 1, 1, P + H' * W'),
+        log(size) per key, 0 for prefix tokens; None where nothing is to be added (no
+        ``prop_attn``, no merge open, or every token still one patch), so the block runs exactly
+        as unpatched."""
+        if self._sizes is None or self._unit_sizes:
+            return None
+        log_size = _log_size(self._sizes).flatten(1)  # (B, H' * W')
+        bias = torch.cat([log_size.new_zeros(log_size.shape[0], num_prefix), log_size], dim=1)
+        return bias[:, None, None, :].to(dtype)
+
+    def window_key_bias(self, window: int, dtype: torch.dtype) -> Tensor | None:
+        """Proportional attention for a prefix-free grid as a block with window ``window`` (0:
+        global) attends it: (B * nH * nW, window * window) log(size) per key of each window,
+        partitioned and padded exactly as the tokens (padding cells: 0), or (B, H' * W') for a
+        global block; None as in ``key_bias``."""
+        if self._sizes is None or self._unit_sizes:
+            return None
+        log_size = _log_size(self._sizes)[..., None]  # (B, H', W', 1)
+        if window > 0:
+            log_size, _ = window_partition(log_size, window)  # (B * nH * nW, window, window, 1)
+        return log_size.flatten(1).to(dtype)
 
     def _metric(self, grid: Tensor, block: nn.Module) -> Tensor | None:
         if self.config.metric == "tokens":
@@ -278,6 +314,7 @@ class GridRun:
         start again from the recovered grid."""
         if self.records:
             self.closed, self.records = self.records, []
+            self._sizes = None
 
     def recover(self, grid: Tensor) -> Tensor:
         """Undo every merge of this run, latest first: (B, H', W', C) -> (B, H, W, C)."""
@@ -305,6 +342,22 @@ def _composed(records: list[GridRecord]) -> Tensor | None:
     for record in records[1:]:
         composed = record.assignment.gather(1, composed)
     return composed
+
+
+def _cell_sizes(records: list[GridRecord]) -> Tensor:
+    """(B, H', W') float32 count of the original cells behind each token of the last record's
+    grid: merges compose, so a cell merged twice counts every patch it absorbed."""
+    assignment = _composed(records)  # (B, H * W)
+    h, w = records[-1].out_hw
+    counts = torch.zeros(assignment.shape[0], h * w, device=assignment.device)
+    counts.scatter_add_(1, assignment, torch.ones_like(assignment, dtype=counts.dtype))
+    return counts.view(-1, h, w)
+
+
+def _log_size(sizes: Tensor) -> Tensor:
+    """log(size), an empty Expedite cluster counted as one patch: its centroid is still a token
+    that later blocks attend to, and log(0) would mask it out of every softmax."""
+    return sizes.clamp_min(1).log()
 
 
 def _window_budget(hw: tuple[int, int], removal: tuple[int, int], window: int) -> int:
@@ -364,7 +417,9 @@ def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) 
     if config.per_layer:
         schedule = parse_r(adapter.depth(target), config.r)
         # prefix tokens are never merged, so every merge takes one patch token away
-        described.update(r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule))
+        described.update(
+            r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule), prop_attn=config.prop_attn
+        )
         return described
     stages = []
     region = adapter.region(target, first)
@@ -381,7 +436,7 @@ def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) 
         stages.append({"loc": stage.loc, "r_h": hw[0] - out[0], "r_w": hw[1] - out[1],
                        "grid_in": list(hw), "grid_out": list(out)})
         hw = out
-    described.update(stages=stages, grid_out=list(hw), tokens_out=hw[0] * hw[1])
+    described.update(stages=stages, grid_out=list(hw), tokens_out=hw[0] * hw[1], prop_attn=config.prop_attn)
     if config.method == "expedite":
         described["expedite"] = dict(config.expedite)
     return described

@@ -24,6 +24,13 @@ POSITIONS: tuple[str, ...] = ("grid", "centroid")
 ALIGNS: tuple[str, ...] = ("none", "window")
 
 
+def default_prop_attn(method: str, per_layer: bool) -> bool:
+    """What ``prop_attn=None`` means: each method as its authors run it. Faithful per-layer
+    ToMe uses proportional attention; CubistMerge (the paper), Expedite and the grid baselines
+    do not."""
+    return method == "tome" and per_layer
+
+
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(valid)}")
@@ -112,6 +119,8 @@ class MergeConfig:
     metric: str = "tokens"
     positions: str = "grid"
     recover: bool = False
+    # Proportional attention: log(cell size) added to the attention logits of every merged key.
+    prop_attn: bool = False
     # Expedite only: the options the user set; ``None`` values take the backbone's reference
     # defaults when the model is patched (``with_defaults``).
     expedite: dict[str, Any] = field(default_factory=dict)
@@ -138,6 +147,7 @@ class MergeConfig:
         metric: str = "tokens",
         positions: str = "grid",
         recover: bool = False,
+        prop_attn: bool | None = None,
         n_iters: int | None = None,
         temperature: float | str | None = None,
         window_size: int | None = None,
@@ -157,6 +167,12 @@ class MergeConfig:
         clustered separately, later window blocks at the reduced window, 3 iterations,
         temperature 0.1, cluster window 5, k 36); both reconstruct with L2-normalised weights.
         ``temperature="auto"`` is the scale-free calibrated form.
+
+        ``prop_attn`` (ToMe's proportional attention): later blocks add log(size) to the
+        attention logits of each key, size being the number of original patches the token
+        covers (prefix tokens and window padding: size 1, no bias). None takes the method's
+        own default: on for per-layer ToMe (as ToMe), off for every grid merge (the paper's
+        CubistMerge and the baselines as published).
         """
         _choice("method", method, METHODS)
         _choice("align", align, ALIGNS)
@@ -167,6 +183,11 @@ class MergeConfig:
         single = loc is not None or r_h is not None or r_w is not None or ratio is not None
         if stages and single:
             raise ValueError("give either stages=[...] or loc with r_h/r_w or ratio, not both")
+        if prop_attn is not None and not isinstance(prop_attn, bool):
+            raise ValueError(
+                f"prop_attn={prop_attn!r} must be true, false or null (the method's default: on "
+                "for per-layer ToMe, off for grid merges)"
+            )
         if method == "none":
             return cls()
         if r is not None:
@@ -178,7 +199,10 @@ class MergeConfig:
             # A tuple is ToMe's (r, inflection); any other sequence is a per-layer list.
             schedule = r if isinstance(r, (int, tuple)) else [int(v) for v in r]
             parse_r(max(len(schedule), 1) if isinstance(schedule, list) else 2, schedule)
-            return cls(method=method, r=schedule, metric=metric, recover=recover)
+            return cls(
+                method=method, r=schedule, metric=metric, recover=recover,
+                prop_attn=default_prop_attn(method, True) if prop_attn is None else prop_attn,
+            )
         if stages:
             parsed = tuple(_as_stage(item) for item in stages)
         elif single:
@@ -233,6 +257,7 @@ class MergeConfig:
             metric=metric,
             positions=positions,
             recover=recover,
+            prop_attn=default_prop_attn(method, False) if prop_attn is None else prop_attn,
             expedite=expedite if method == "expedite" else {},
         )
 

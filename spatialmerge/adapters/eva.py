@@ -14,6 +14,9 @@ Where merged tokens sit (``positions``):
 - ``"centroid"`` (ours): each merged token at the mean normalised coordinate of the original cells
   it holds, giving a per-image table (B, 1, H' * W', 2 * head_dim). timm already builds tables of
   that layout for patch dropout, and the attention's broadcasting accepts it over the heads.
+
+With ``prop_attn`` every block after a merge gets the log-size bias through its own
+``attn_mask`` argument (prefix tokens: 0); RoPE is rebuilt as above either way.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ def _run_blocks(
     in_hw = hw
     checkpointing = model.grad_checkpointing and model.training
     intermediates = []
+    mask = None
     for i, block in enumerate(blocks):
         if run.merges_at(i):
             grid = x[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
@@ -162,12 +166,14 @@ def _run_blocks(
             if rope is not None and (new_hw != hw or run.config.positions == "centroid"):
                 rope = _rope_for(model.rope, run, in_hw, new_hw)
             hw = new_hw
+            # prop_attn: log(size) per key through the block's own attn_mask, (B, 1, 1, P + H' * W')
+            mask = run.key_bias(prefix, x.dtype)
         if checkpointing:
             x = torch.utils.checkpoint.checkpoint(
-                block, x, rope=rope, is_causal=is_causal, use_reentrant=False
+                block, x, rope=rope, attn_mask=mask, is_causal=is_causal, use_reentrant=False
             )
         else:
-            x = block(x, rope=rope, is_causal=is_causal)
+            x = block(x, rope=rope, attn_mask=mask, is_causal=is_causal)
         if i in take_indices:
             intermediates.append(_recover_tokens(run, x, hw, prefix))
     if run.config.recover:

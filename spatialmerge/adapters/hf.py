@@ -7,7 +7,10 @@ token, registers; then the H x W patch tokens in raster order), runs its layer l
 its final norm (and ViT / DeiT's pooler). The patch swaps that ``forward`` only: the layers are
 ``transformers``' own, called as the model calls them, with whichever attention implementation
 (eager / SDPA / flash) it was loaded with. Before a scheduled layer the patch tokens are viewed
-as a (B, H, W, C) grid, reduced by ``GridRun`` and put back behind the prefix.
+as a (B, H, W, C) grid, reduced by ``GridRun`` and put back behind the prefix. With
+``prop_attn`` the layers after a merge get the log-size bias as their additive
+``attention_mask`` (eager and SDPA attention add it to the logits; flash attention takes none
+and is refused).
 
 DINOv3's rotary embedding covers the patch tokens only (its ``apply_rotary_pos_emb`` splits the
 prefix off by the table's length), so after a merge the table is rebuilt for the H' x W' tokens
@@ -38,7 +41,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from spatialmerge.adapters.attention import key_bias
 from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, keys_from_qkv, register_adapter
+from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.eva import centroid_coords
 from spatialmerge.adapters.sam import SamFamily, window_size
 
@@ -184,6 +189,7 @@ def _hf_forward(
     prefix = _num_prefix(self, family)
     rope = self.rope_embeddings(pixel_values) if family.rope else None
     run = state.run(self)
+    mask = None
     for i, layer in enumerate(_attr(self, family.layers)):
         if run.merges_at(i):
             grid = hidden[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
@@ -192,10 +198,12 @@ def _hf_forward(
             hidden = torch.cat([hidden[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H' * W', C)
             if rope is not None:
                 rope = _rope_for(self, run, pixel_values, in_hw, hw)
+            # prop_attn: eager and SDPA attention add this float mask to their logits
+            mask = run.key_bias(prefix, hidden.dtype)  # (B, 1, 1, P + H' * W')
         if family.rope:
-            hidden = layer(hidden, position_embeddings=rope, **kwargs)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, **kwargs)
         else:
-            hidden = layer(hidden, None, **kwargs)
+            hidden = layer(hidden, mask, **kwargs)
     if state.config.recover and run.records:
         grid = run.recover(hidden[:, prefix:].unflatten(1, hw))  # (B, H, W, C)
         hidden = torch.cat([hidden[:, :prefix], grid.flatten(1, 2)], dim=1)
@@ -245,6 +253,16 @@ class TransformersAdapter(Adapter):
 
     per_layer_alternative = ", or the timm model (model=deit_b ...) for faithful ToMe"
 
+    def check(self, target: nn.Module, config: MergeConfig) -> None:
+        super().check(target, config)
+        implementation = getattr(target.config, "_attn_implementation", None) or "eager"
+        if config.prop_attn and implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"prop_attn=True adds log(size) to the attention logits through the additive "
+                f"attention mask, which {implementation!r} attention does not take; load the model "
+                "with attn_implementation='sdpa' (or 'eager'), or use prop_attn=false"
+            )
+
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _hf_forward}
 
@@ -274,7 +292,8 @@ def _hf_sam_encoder_forward(self: nn.Module, pixel_values: Tensor | None = None,
     run = getattr(self, STATE_ATTR).run(self)
     for i, layer in enumerate(self.layers):
         hidden = run.before_block(i, hidden, layer)  # (B, H', W', C) from the merge on
-        with window_size(layer, run.block_window):
+        with window_size(layer, run.block_window), \
+                key_bias(layer.attn, run.window_key_bias(layer.window_size, hidden.dtype)):
             hidden = layer(hidden)
     hidden = run.recover(hidden)  # (B, H, W, C)
     run.finish()

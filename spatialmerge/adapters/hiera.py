@@ -13,6 +13,9 @@ too, but its recovery would have to guess how pooled merged tokens map back to p
 Hiera-B+ the fourth stage costs 3 of 24 equal-FLOP blocks, so ending the merge at the stage
 boundary gives away little (measured in the README's SAM 2 rows) and keeps the recovery exact.
 
+With ``prop_attn`` the merged stage's blocks run their attention under ``key_bias`` (the size
+map partitioned into each block's windows as its tokens are; the bias ends with the merge).
+
 The schedule goes in the third stage (16 of Hiera-B+'s 24 blocks, where the time goes), e.g.
 ``loc=6`` with ``ratio=0.125`` and ``align="window"``: 64x64 -> 56x56, four whole 14-windows.
 """
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from spatialmerge.adapters.attention import key_bias
 from spatialmerge.adapters.base import STATE_ATTR, Adapter, keys_from_qkv, register_adapter
 from spatialmerge.adapters.config import MergeConfig
 
@@ -66,7 +70,8 @@ def _hiera_forward(self: nn.Module, x: Tensor) -> list[Tensor]:
     outputs = []
     for i, block in enumerate(self.blocks):
         x = run.before_block(i, x, block)  # (B, H', W', C) until the stage ends
-        x = block(x)
+        with key_bias(block.attn, run.window_key_bias(block.window_size, x.dtype)):
+            x = block(x)
         if i in self.stage_ends:
             x = run.recover(x)  # the neck and the next q-pool get the stage's native grid
             run.end_region()

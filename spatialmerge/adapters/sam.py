@@ -6,6 +6,9 @@ grid they get, padding it to a multiple of the window; global blocks interpolate
 relative-position tables to the grid they see (``get_rel_pos``). So the stock blocks run on the
 reduced grid unmodified, and the grid is recovered after the last block, before the neck, which
 keeps the mask decoder, ``SamPredictor`` and ``SamAutomaticMaskGenerator`` working unchanged.
+With ``prop_attn`` each block's attention runs under ``key_bias``: the size map is partitioned
+into the block's windows exactly as its tokens are (global blocks: the whole grid), rel-pos
+untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
+from spatialmerge.adapters.attention import key_bias
 from spatialmerge.adapters.base import (
     STATE_ATTR,
     Adapter,
@@ -34,7 +38,8 @@ def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> T
     run = getattr(encoder, STATE_ATTR).run(encoder)
     for i, block in enumerate(encoder.blocks):
         x = run.before_block(i, x, block)  # (B, H', W', C) from the merge location on
-        with window_size(block, run.block_window):
+        with window_size(block, run.block_window), \
+                key_bias(block.attn, run.window_key_bias(block.window_size, x.dtype)):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:

@@ -12,12 +12,17 @@ Two kinds of schedule:
   prefix; any block type works because blocks are only ever called whole.
 - faithful per-layer ToMe (``method="tome"`` with ``r``): every block merges r_i tokens between
   its attention and its MLP, with proportional attention (log token size added to the attention
-  logits through timm's own ``attn_mask``) and the keys of that same attention call as the
-  metric. This composes the block's own submodules, so it needs timm's plain ``Block``.
+  logits through timm's own ``attn_mask``; ``prop_attn=False`` turns it off) and the keys of
+  that same attention call as the metric. This composes the block's own submodules, so it needs
+  timm's plain ``Block``.
+
+With ``prop_attn`` a grid schedule passes the same log-size bias to every block after a merge,
+through the block's own ``attn_mask`` argument (prefix tokens: 0).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch.utils.checkpoint
@@ -91,16 +96,20 @@ def _grid_forward_features(
             "patch_drop_rate=0 (or eval mode)"
         )
     checkpointing = _checkpointing(self)
+    mask = None
     for i, block in enumerate(self.blocks):
         if run.merges_at(i):
             grid = x[:, prefix:].unflatten(1, (h, w))  # (B, H, W, C)
             grid = run.before_block(i, grid, block)  # (B, H', W', C)
             h, w = grid.shape[1], grid.shape[2]
             x = torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H' * W', C)
+            mask = run.key_bias(prefix, x.dtype)  # (B, 1, 1, P + H' * W') with prop_attn
+        # timm's blocks add a float attn_mask to their attention logits (fused or not)
+        args = (x,) if mask is None else (x, mask)
         if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         else:
-            x = block(x)
+            x = block(*args)
     if state.config.recover and run.records:
         grid = run.recover(x[:, prefix:].unflatten(1, (h, w)))  # (B, H, W, C)
         x = torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H * W, C)
@@ -122,7 +131,7 @@ def _check_schedule(schedule: list[int], num_tokens: int, num_prefix_tokens: int
 
 
 def _tome_block(
-    block: Block, x: Tensor, size: Tensor | None, r: int, num_prefix_tokens: int
+    block: Block, x: Tensor, size: Tensor | None, r: int, num_prefix_tokens: int, prop_attn: bool = True
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One timm ``Block`` with a ToMe merge between attention and MLP.
 
@@ -130,7 +139,7 @@ def _tome_block(
     output slot (B, N) of every input token (None if r == 0).
     """
     # Proportional attention: a token holding s patches counts s times in every softmax.
-    mask = None if size is None else size.log()[:, None, None, :, 0]  # (B, 1, 1, N)
+    mask = size.log()[:, None, None, :, 0] if size is not None and prop_attn else None  # (B, 1, 1, N)
     keys: list[Tensor] = []
     handle = None
     if r > 0:
@@ -167,16 +176,17 @@ def _tome_forward_features(
     schedule = parse_r(len(self.blocks), state.config.r)
     _check_schedule(schedule, x.shape[1], prefix)
     checkpointing = _checkpointing(self)
+    prop = state.config.prop_attn
     size = None
     # (B, N0): where each token that entered the blocks sits now; prefix tokens stay put.
     where = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     for r, block in zip(schedule, self.blocks):
         if checkpointing:
             x, size, slot = torch.utils.checkpoint.checkpoint(
-                _tome_block, block, x, size, r, prefix, use_reentrant=False
+                _tome_block, block, x, size, r, prefix, prop, use_reentrant=False
             )
         else:
-            x, size, slot = _tome_block(block, x, size, r, prefix)
+            x, size, slot = _tome_block(block, x, size, r, prefix, prop)
         if slot is not None:
             where = slot.gather(1, where)
     if state.config.recover:
@@ -233,6 +243,13 @@ class TimmViTAdapter(Adapter):
         elif config.metric == "keys":
             for block in target.blocks:
                 _fused_qkv(block)
+        if config.prop_attn and not config.per_layer:
+            for i, block in enumerate(target.blocks):
+                if "attn_mask" not in inspect.signature(block.forward).parameters:
+                    raise TypeError(
+                        f"prop_attn=True passes log(size) to each block's attn_mask, but block {i} "
+                        f"({type(block).__name__}) takes no attn_mask; use prop_attn=false"
+                    )
 
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {

@@ -128,20 +128,26 @@ def accuracy(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
 
 def method_label(merge: Mapping[str, Any] | None) -> str:
     """The method as a report names it, with the variant that changes what it is: per-layer
-    ToMe vs the single-layer grid form, and which Expedite (temperature, per window or not)."""
+    ToMe vs the single-layer grid form, which Expedite (temperature, per window or not), and
+    whether proportional attention ran (``prop_attn``; the paper's CubistMerge has none)."""
     if not merge:
         return BASELINE_METHOD
     method = merge.get("method") or BASELINE_METHOD
+    if method == BASELINE_METHOD:
+        return method
     if method == "tome" and merge.get("r") is not None:
-        return "tome (per layer)"
+        # proportional attention is per-layer ToMe's own default; only its absence is a variant
+        return "tome (per layer)" if merge.get("prop_attn") is not False else "tome (per layer, no prop_attn)"
+    parts = []
     if method == "expedite" and merge.get("temperature") is not None:
-        parts = [f"t={merge['temperature']}"]
+        parts.append(f"t={merge['temperature']}")
         if merge.get("windowed"):
             parts.append("per window")
         if merge.get("reconstruct") == "softmax":
             parts.append("softmax")
-        return f"expedite ({', '.join(parts)})"
-    return method
+    if merge.get("prop_attn"):
+        parts.append("prop_attn")
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
 def schedule_text(merge: Mapping[str, Any] | None) -> str:
