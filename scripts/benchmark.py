@@ -10,6 +10,7 @@ Prints a markdown table and writes it, with the setup, to --out (JSON).
 
 import argparse
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -18,6 +19,19 @@ import torch
 from spatialmerge.distributed import resolve_device
 from spatialmerge.evaluators.benchmark import default_suites, format_rows, run_suite
 from spatialmerge.results import environment, write_json_atomic
+
+
+def replay_command(args: argparse.Namespace) -> str:
+    """The command line that runs this benchmark again: flags as the parser takes them
+    (``--tiny``, not ``--tiny True``), the output file included."""
+    parts = ["python", "scripts/benchmark.py"]
+    for key, value in vars(args).items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts += [flag, str(value)]
+    return shlex.join(parts)
 
 
 def main() -> None:
@@ -51,15 +65,14 @@ def main() -> None:
         parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(suites)}")
     rows = []
     for name in chosen:
-        print(f"benchmarking {name} ...", flush=True)
+        print(f"benchmarking {name} ({len(suites[name].schedules)} schedules) ...", flush=True)
         rows.extend(run_suite(suites[name], args.device, args.dtype, args.warmup, args.iters))
     table = format_rows(rows)
+    noisy = [f"{row['suite']} {row['variant']}" for row in rows if row["noisy"]]
     setup = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python scripts/benchmark.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False) and k != "out"
-        ),
+        "command": replay_command(args),
         "device": args.device,
         "dtype": args.dtype,
         "warmup": args.warmup,
@@ -68,6 +81,9 @@ def main() -> None:
     }
     write_json_atomic(args.out, {"setup": setup, "environment": environment(args.device), "rows": rows})
     print(table)
+    if noisy:
+        print(f"warning: noisy timings (see 'noise' in {args.out}): {', '.join(noisy)}; benchmark on an idle "
+              "machine or raise --iters")
     print(f"written: {args.out}")
 
 

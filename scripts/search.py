@@ -29,11 +29,19 @@ from hydra.errors import HydraException
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spatialmerge.evaluators.timing import speedup_text  # noqa: E402
 from spatialmerge.jobs import USER_ERRORS  # noqa: E402
 from spatialmerge.pipeline import instantiate  # noqa: E402
 from spatialmerge.reporting.pareto import plot_pareto  # noqa: E402
 from spatialmerge.reporting.table import build_rows, collect_results, write_report  # noqa: E402
-from spatialmerge.search import SEARCH_METHODS, ScheduleSearch, SearchSpace, front_table, write_outputs  # noqa: E402
+from spatialmerge.search import (  # noqa: E402
+    SEARCH_METHODS,
+    ScheduleSearch,
+    SearchSpace,
+    front_table,
+    variant_text,
+    write_outputs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def report_trial(entry: dict) -> None:
             if entry["state"] == "complete":
-                text = f"{entry['speedup']:.2f}x, {entry['quality_key']} {entry['quality']:.4f}"
+                speed = speedup_text({"speedup": entry["speedup"], **entry["timing"]})
+                text = f"{speed}, {entry['quality_key']} {entry['quality']:.4f}"
             else:
                 text = f"{entry['state']}: {entry['reason']}"
-            print(f"trial {entry['number']}: {entry['merge']['method']} {entry['schedule'] or ''} -> {text}", flush=True)
+            variant = variant_text(entry["merge"])
+            variant = "" if variant == "-" else f" ({variant})"
+            print(f"trial {entry['number']}: {entry['merge']['method']}{variant} {entry['schedule'] or ''} -> {text}",
+                  flush=True)
             if logger is not None and entry["state"] == "complete":
                 logger.log({"search/speedup": entry["speedup"], "search/quality": entry["quality"]}, step=entry["number"])
 
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     result = search.result(args.target_speedup)
+    if args.target_speedup is not None:
+        print(f"re-measuring the front points near {args.target_speedup}x before choosing ...", flush=True)
+        result = search.confirm(result, args.target_speedup)
     outputs = write_outputs(result, args.target_speedup)
     rows = build_rows(collect_results(directory / "trials")) if (directory / "trials").is_dir() else []
     if rows:
@@ -101,18 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     print(front_table(result))
     command = ["python", "eval.py", *args.overrides, f"hydra.searchpath=[file://{Path(directory).resolve()}]"]
     if args.target_speedup is not None:
+        if result.note:
+            print(f"note: {result.note}")
         if result.chosen is None:
             print(f"no measured schedule reached {args.target_speedup}x; the front above is what the "
                   "search found (more --trials, or a lower target)")
         else:
             chosen = result.chosen
             print(f"chosen for >= {args.target_speedup}x: trial {chosen['number']}, {chosen['merge']['method']} "
-                  f"{chosen['schedule']}: {chosen['speedup']:.2f}x, {chosen['quality_key']} {chosen['quality']:.4f}")
+                  f"{chosen['schedule']}: {speedup_text(chosen['remeasured'])} re-measured (first "
+                  f"{chosen['speedup']:.2f}x), {chosen['quality_key']} {chosen['quality']:.4f}")
             print("evaluate it again: " + shlex.join([*command, "merge=chosen"]))
     if logger is not None:
         summary = {"search/trials": len(result.trials), "search/front": len(result.front)}
         if result.chosen is not None:
-            summary.update({"search/chosen_speedup": result.chosen["speedup"], "search/chosen_quality": result.chosen["quality"]})
+            again = result.chosen["remeasured"]
+            summary.update({"search/chosen_speedup": again["speedup"], "search/chosen_speedup_q1": again["speedup_q1"],
+                            "search/chosen_speedup_q3": again["speedup_q3"], "search/chosen_noisy": again["noisy"],
+                            "search/chosen_quality": result.chosen["quality"]})
         logger.summary(summary)
         logger.finish("ok")
     print("wrote " + ", ".join(str(p) for p in outputs.values()))

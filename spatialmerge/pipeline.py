@@ -230,7 +230,7 @@ def format_summary(payload: Mapping[str, Any]) -> str:
         setup = speed["setup"]
         lines.append(
             f"throughput ({setup['device']}, {setup['dtype']}, batch {setup['batch_size']}, "
-            f"median of {setup['iters']}):"
+            f"{setup['iters']} rounds; img/s: median round, speed-up: median of per-round ratios):"
         )
         header = (
             f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} "
@@ -246,13 +246,14 @@ def format_summary(payload: Mapping[str, Any]) -> str:
             lines.append(
                 f"  {name:<10} {tokens:>7} {row['gflops']:>9.1f} {row['img_s']:>9.3f} "
                 f"{row['speedup']:>8.2f}x {spread:>18} {row['flop_speedup']:>10.2f}x"
+                + ("  noisy" if row.get("noisy") else "")
             )
             if row.get("noisy"):
-                noisy.append(name)
-        if noisy:
+                noisy.append(f"{name}: {'; '.join(row.get('noise') or ['spread'])}")
+        for text in noisy:
             lines.append(
-                f"  warning: the speed-up of {', '.join(noisy)} varies across rounds by more than "
-                "half its gain; time on an idle machine or raise evaluator.throughput.iters"
+                f"  warning: noisy timing, {text}; time on an idle machine or raise "
+                "evaluator.throughput.iters (the FLOP-ideal column does not depend on the machine)"
             )
     for name, values in metrics.items():
         if name == "throughput":

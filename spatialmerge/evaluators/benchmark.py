@@ -159,7 +159,7 @@ def run_suite(
     """Time one suite; return one row per variant with every benchmark column."""
     model = build_model(suite.model, **suite.overrides)
     evaluator = ThroughputEvaluator(batch_size=suite.batch_size, warmup=warmup, iters=iters, dtype=dtype)
-    timings = evaluator.evaluate(model, suite.schedules, device)
+    timings = evaluator.evaluate(model, suite.schedules, device)  # tqdm over the rounds
     channels, h, w = input_size(model)
     x = torch.randn(suite.batch_size, channels, h, w, device=device)
     rows = []
@@ -173,12 +173,17 @@ def run_suite(
         oracle_speedup = timings[oracle]["speedup"] if oracle else None
         rows.append(
             {
-                "suite": suite.model,
+                # a tiny architecture's figures say nothing about the real model: never under its name
+                "suite": f"{suite.model} (tiny)" if suite.overrides else suite.model,
                 "variant": name,
                 "tokens": timing["tokens"],
                 "gflops": timing["gflops"],
                 "img_s": timing["img_s"],
                 "speedup": timing["speedup"],
+                "speedup_q1": timing["speedup_q1"],
+                "speedup_q3": timing["speedup_q3"],
+                "noisy": timing["noisy"],
+                "noise": timing["noise"],
                 "flop_speedup": timing["flop_speedup"],
                 "oracle_speedup": oracle_speedup,
                 "efficiency": timing["speedup"] / oracle_speedup if oracle_speedup else None,
@@ -195,9 +200,14 @@ def run_suite(
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of benchmark rows."""
-    header = "| model | variant | tokens | GFLOPs | img/s | speed-up | FLOP-ideal | oracle | efficiency | merge+recover | peak MB |"
-    lines = [header, "|" + "---|" * 11]
+    """A markdown table of benchmark rows: img/s is the median round, speed-up the median of
+    per-round ratios with its interquartile range, noisy where ``timing.summarise_rounds``
+    says so (why, in the JSON)."""
+    header = (
+        "| model | variant | tokens | GFLOPs | img/s | speed-up (IQR) | noisy | FLOP-ideal | oracle | "
+        "efficiency | merge+recover | peak MB |"
+    )
+    lines = [header, "|" + "---|" * 12]
 
     def fmt(value: Any, spec: str, suffix: str = "") -> str:
         return "-" if value is None else f"{value:{spec}}{suffix}"
@@ -205,7 +215,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(
             f"| {row['suite']} | {row['variant']} | {fmt(row['tokens'], 'd')} | {row['gflops']:.1f} | "
-            f"{row['img_s']:.2f} | {row['speedup']:.2f}x | {row['flop_speedup']:.2f}x | "
+            f"{row['img_s']:.2f} | {row['speedup']:.2f}x ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}) | "
+            f"{'yes' if row['noisy'] else ''} | {row['flop_speedup']:.2f}x | "
             f"{fmt(row['oracle_speedup'], '.2f', 'x')} | {fmt(row['efficiency'], '.3f')} | "
             f"{fmt(None if row['merge_share'] is None else 100 * row['merge_share'], '.2f', '%')} | "
             f"{fmt(row['peak_memory_mb'], '.0f')} |"

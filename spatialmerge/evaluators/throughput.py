@@ -11,7 +11,6 @@ measured one shows where memory traffic, not arithmetic, sets the pace.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,23 +23,12 @@ from tqdm import tqdm
 
 import spatialmerge
 from spatialmerge.adapters import patch_state
+from spatialmerge.evaluators.timing import machine_load, overloaded, summarise_rounds
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# A speed-up whose interquartile range is wider than this share of its gain (speed-up - 1) is
-# flagged: the rounds disagree about as much as the claim is worth.
-NOISY_SPREAD = 0.5
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile), linearly interpolated; one value gives it thrice."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -226,8 +214,9 @@ class ThroughputEvaluator:
         autocast = (
             torch.autocast(device.type, dtype=DTYPES[self.dtype]) if self.dtype != "fp32" else nullcontext()
         )
+        load_before = machine_load()
         time_variants(variants, make_input, self.warmup, self.iters, device, autocast, self.progress)
-        return self._summarise(variants, device)
+        return self._summarise(variants, device, {"before": load_before, "after": machine_load()})
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
         """Pipeline entry: the unmerged model against the configured merge."""
@@ -254,24 +243,18 @@ class ThroughputEvaluator:
             out = patch_embed(x[:1])
         return out.shape[1] * out.shape[2] if out.dim() == 4 else out.shape[1]
 
-    def _summarise(self, variants: list[Variant], device: torch.device) -> dict[str, Any]:
+    def _summarise(self, variants: list[Variant], device: torch.device, load: dict[str, Any]) -> dict[str, Any]:
         base = variants[0]
+        # a CPU timing is only as good as the cores it had; a GPU's does not depend on host load
+        busiest = max((m for m in load.values()), key=lambda m: m.get("load_1m") or 0.0)
+        host_load = busiest if device.type == "cpu" and overloaded(busiest) else None
         results: dict[str, Any] = {}
         for variant in variants:
-            seconds = statistics.median(variant.times)
-            # rounds alternate variants, so round i of each was timed under the same conditions
-            per_round = [b / v for b, v in zip(base.times, variant.times)]
-            q1, speedup, q3 = quartiles(per_round)
+            row = summarise_rounds(base.times, variant.times, self.batch_size, host_load, variant is base)
             results[variant.name] = {
-                "img_s": self.batch_size / seconds,
-                "ms_per_batch": seconds * 1e3,
-                "times_ms": [t * 1e3 for t in variant.times],
+                **row,
                 "gflops": variant.flops / 1e9 / self.batch_size,
                 "tokens": variant.tokens,
-                "speedup": speedup if variant is not base else 1.0,
-                "speedup_q1": q1,
-                "speedup_q3": q3,
-                "noisy": variant is not base and (q3 - q1) > NOISY_SPREAD * abs(speedup - 1.0),
                 "flop_speedup": base.flops / variant.flops if variant.flops else float("nan"),
                 "peak_memory_mb": variant.peak_memory_mb,
             }
@@ -282,5 +265,6 @@ class ThroughputEvaluator:
             "warmup": self.warmup,
             "iters": self.iters,
             "compile": self.compile,
+            "load": load,
         }
         return results

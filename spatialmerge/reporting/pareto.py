@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from spatialmerge.reporting.table import IN_PROCESS_BASELINE
+from spatialmerge.reporting.table import IN_PROCESS_BASELINE, timing_useless
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
 _Y_LABELS = {
@@ -40,6 +40,21 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[in
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def _interval_bars(ax: Any, rows: Sequence[Mapping[str, Any]], y_key: str, colour: Any) -> None:
+    """Each point's speed-up interquartile range as a horizontal error bar; a white centre on
+    the points whose timing is noisy."""
+    timed = [r for r in rows if _finite(r.get("speedup_q1")) and _finite(r.get("speedup_q3"))]
+    if timed:
+        ax.errorbar(
+            [r["speedup"] for r in timed], [r[y_key] for r in timed],
+            xerr=[[r["speedup"] - r["speedup_q1"] for r in timed], [r["speedup_q3"] - r["speedup"] for r in timed]],
+            fmt="none", ecolor=colour, elinewidth=1.0, capsize=2, zorder=2,
+        )
+    noisy = [r for r in rows if r.get("noisy")]
+    if noisy:
+        ax.scatter([r["speedup"] for r in noisy], [r[y_key] for r in noisy], color="white", s=12, zorder=3.5)
 
 
 def _title(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -86,33 +101,41 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
 def _plot_group(ax: Any, rows: Sequence[Mapping[str, Any]], style: Mapping[str, tuple[Any, str]]) -> None:
     with_accuracy = any(_finite(r["value"]) for r in rows)
     y_key = "value" if with_accuracy else "kept_pct"
+    # every timing noisy: the measured x would order the schedules by the machine's load
+    x_key = "flop_speedup" if timing_useless(rows) else "speedup"
     metric = next((r["metric"] for r in rows if r["metric"]), None)
-    ok = [r for r in rows if r["status"] == "ok" and _finite(r["speedup"]) and _finite(r[y_key])]
+    ok = [r for r in rows if r["status"] == "ok" and _finite(r[x_key]) and _finite(r[y_key])]
     for method, (colour, marker) in style.items():
         mine = [r for r in ok if r["method"] == method and not r.get("reference")]
-        if mine:
-            ax.scatter([r["speedup"] for r in mine], [r[y_key] for r in mine], color=colour,
-                       marker=marker, s=42, label=method, zorder=3)
+        if not mine:
+            continue
+        ax.scatter([r[x_key] for r in mine], [r[y_key] for r in mine], color=colour,
+                   marker=marker, s=42, label=method, zorder=3)
+        if x_key == "speedup":
+            _interval_bars(ax, mine, y_key, colour)
     reference = [r for r in ok if r.get("reference")]
     if reference:
         label = "unmerged" + (" (in-process timing)" if reference[0]["method"] == IN_PROCESS_BASELINE else "")
-        ax.scatter([r["speedup"] for r in reference], [r[y_key] for r in reference], marker="*",
+        ax.scatter([r[x_key] for r in reference], [r[y_key] for r in reference], marker="*",
                    s=220, color="black", label=label, zorder=4)
-    points = [(r["speedup"], r[y_key]) for r in ok]
+    points = [(r[x_key], r[y_key]) for r in ok]
     front = [ok[i] for i in pareto_front(points)]
     if front:
-        ax.plot([r["speedup"] for r in front], [r[y_key] for r in front], color="0.3", lw=1.2,
+        ax.plot([r[x_key] for r in front], [r[y_key] for r in front], color="0.3", lw=1.2,
                 ls="--", zorder=2, label="Pareto front")
         for r in front:
             if not r.get("reference"):
-                ax.annotate(r["schedule"], (r["speedup"], r[y_key]), textcoords="offset points",
+                ax.annotate(r["schedule"], (r[x_key], r[y_key]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color="0.25")
     ax.axvline(1.0, color="0.75", lw=0.8, zorder=1)
     not_shown = len(rows) - len(ok)
     if not_shown:
         ax.text(0.99, 0.01, f"{not_shown} row(s) without numbers (failed) not shown",
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="firebrick")
-    ax.set_xlabel("measured speed-up vs unmerged (×)")
+    if x_key == "speedup":
+        ax.set_xlabel("measured speed-up vs unmerged (×; bars: IQR over rounds, hollow: noisy)")
+    else:
+        ax.set_xlabel("FLOP-ideal speed-up (×): every measured speed-up here was noisy")
     if with_accuracy:
         ax.set_ylabel(_Y_LABELS.get(metric, metric or "accuracy"))
         ax.set_title(_title(rows), fontsize=10)

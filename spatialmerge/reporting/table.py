@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spatialmerge.evaluators.timing import speedup_text
 from spatialmerge.results import RESULTS_FILE
 
 # (key, markdown header); report.csv uses the keys as its header.
@@ -38,6 +39,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("gflops", "GFLOPs"),
     ("img_s", "img/s"),
     ("speedup", "speed-up"),
+    ("speedup_q1", "q1"),
+    ("speedup_q3", "q3"),
+    ("noisy", "noisy"),
     ("flop_speedup", "FLOP-ideal"),
     ("metric", "metric"),
     ("value", "value"),
@@ -231,6 +235,11 @@ def _row(result: Mapping[str, Any]) -> dict[str, Any]:
             gflops=mine["gflops"],
             img_s=mine["img_s"],
             speedup=mine["speedup"],
+            # records from before quartiles were kept have none: the cells stay blank
+            speedup_q1=mine.get("speedup_q1"),
+            speedup_q3=mine.get("speedup_q3"),
+            noisy=mine.get("noisy"),
+            noise=mine.get("noise") or [],
             flop_speedup=mine["flop_speedup"],
             out_grid=_out_grid(merge, mine["tokens"], base["tokens"]),
             setup=speed.get("setup"),
@@ -273,6 +282,9 @@ def _reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         # Each job timed the same unmerged model; their median is the fairest single number.
         img_s=statistics.median(r["baseline_speed"]["img_s"] for r in timed),
         speedup=1.0,
+        speedup_q1=1.0,
+        speedup_q3=1.0,
+        noisy=False,
         flop_speedup=1.0,
         run=f"median of {len(timed)} job(s)",
         error="",
@@ -336,8 +348,10 @@ def _markdown_cell(key: str, value: Any) -> str:
     if key == "error":
         text = " ".join(str(value).split())
         value = text if len(text) <= _MD_ERROR_CHARS else text[: _MD_ERROR_CHARS - 1] + "…"
-    elif key in ("speedup", "flop_speedup"):
+    elif key in ("speedup", "speedup_q1", "speedup_q3", "flop_speedup"):
         value = f"{value:.2f}x"
+    elif key == "noisy":
+        value = "noisy" if value else ""
     elif key == "kept_pct":
         value = f"{value:.1f}%"
     elif key == "delta":
@@ -397,9 +411,8 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         return ""
     cells: dict[tuple[str, str], str] = {}
     for row in grid:
-        speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         value = f"{row['value']:.3f} / " if row.get("value") is not None else ""
-        cells[(row["method"], row["schedule"])] = value + speed
+        cells[(row["method"], row["schedule"])] = value + _speed_cell(row)
     header = "| method | " + " | ".join(schedules) + " |"
     lines = [header, "|---" * (len(schedules) + 1) + "|"]
     for method in methods:
@@ -410,10 +423,23 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append("")
         lines.append("Other schedules:")
     for row in sorted(others, key=_sort_key):
-        speed = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         value = f"{row['value']:.3f} / " if row.get("value") is not None else ""
-        lines.append(f"- {row['method']} {row['schedule']}: {value}{speed}")
+        lines.append(f"- {row['method']} {row['schedule']}: {value}{_speed_cell(row)}")
     return "\n".join(lines)
+
+
+def _speed_cell(row: Mapping[str, Any]) -> str:
+    """A speed-up with its interval and noisy mark (``timing.speedup_text``), or ``-``."""
+    if row.get("speedup") is None:
+        return "-"
+    return speedup_text(row)
+
+
+def timing_useless(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every timed merged row is noisy: then the measured speed-ups cannot order the
+    schedules and the FLOP-ideal speed-up (hardware-independent) is used instead."""
+    timed = [r for r in rows if r["status"] == "ok" and not r.get("reference") and r.get("speedup") is not None]
+    return bool(timed) and all(r.get("noisy") for r in timed)
 
 
 def _sources_text(sources: Sequence[Path | str]) -> str:
@@ -437,7 +463,10 @@ def write_report(
         f"Source: {_sources_text(sources)}  ",
         f"{len(rows)} rows, {len(failed)} not ok. {describe_setup(rows)}.",
         "",
-        "speed-up and FLOP-ideal are against the unmerged model timed in the same process; "
+        "speed-up is the median of per-round ratios against the unmerged model timed "
+        "alternately in the same process, q1-q3 its interquartile range over rounds, noisy where "
+        "the rounds disagree (why: `noise` in the run's results.json); img/s is the median "
+        "round; FLOP-ideal is the flop counter's ratio, which no machine's load changes; "
         "Δ vs none is the accuracy difference to the unmerged model: measured in the same job "
         "where the evaluator ran both, else to the group's `merge=none` job (blank without either). "
         f"`{IN_PROCESS_BASELINE}` rows stand for the unmerged model where the sweep had no "
@@ -455,6 +484,16 @@ def write_report(
             "",
             pivot,
             "",
+        ]
+    groups = {r["group"] for r in rows}
+    useless = [g for g in groups if timing_useless([r for r in rows if r["group"] == g])]
+    if useless:
+        lines[6:6] = [
+            "",
+            f"**Every measured speed-up of {len(useless)} of {len(groups)} group(s) is noisy**: "
+            "those timings cannot order the schedules, so their Pareto plot uses the FLOP-ideal "
+            "speed-up instead. Time again on an idle machine with more rounds "
+            "(evaluator.throughput.iters).",
         ]
     if plot:
         lines += [f"![Pareto plot]({plot})", ""]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,12 @@ def test_benchmark_script_writes_every_column(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(out.read_text())
-    rows = {(row["suite"], row["variant"]): row for row in payload["rows"]}
-    assert {suite for suite, _ in rows} == {"sam_b", "sam2_b+", "deit_b", "dinov3_b"}
+    # tiny architectures are labelled as such, never as the real model
+    assert {row["suite"] for row in payload["rows"]} == {"sam_b (tiny)", "sam2_b+ (tiny)", "deit_b (tiny)",
+                                                         "dinov3_b (tiny)"}
+    rows = {(row["suite"].removesuffix(" (tiny)"), row["variant"]): row for row in payload["rows"]}
+    for row in payload["rows"]:  # every speed-up with its interval and noise verdict
+        assert row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"] and isinstance(row["noisy"], bool)
     # SAM 2: merged in Hiera's stage 3, 64x64 -> 56x56 at its 1024 px, tokens of that stage
     sam2 = rows[("sam2_b+", "cubist 56")]
     assert sam2["tokens"] == 3136 and rows[("sam2_b+", "baseline")]["tokens"] == 4096
@@ -35,8 +40,11 @@ def test_benchmark_script_writes_every_column(tmp_path):
     assert rows[("sam_b", "expedite 42@1")]["tokens"] == 100
     assert 0 < rows[("sam_b", "expedite 42@1")]["merge_share"] < 1
     assert rows[("deit_b", "tome r=2")]["merge_share"] is None
-    assert "| sam_b | cubist 56@1 |" in done.stdout
-    assert payload["setup"]["command"].startswith("python scripts/benchmark.py")
+    assert "| sam_b (tiny) | cubist 56@1 |" in done.stdout and "| speed-up (IQR) | noisy |" in done.stdout
+    # the recorded command replays: the same flags, parsed by the script itself
+    command = shlex.split(payload["setup"]["command"])
+    assert command[:2] == ["python", "scripts/benchmark.py"] and "True" not in command
+    assert "--tiny" in command and command[command.index("--out") + 1] == str(out)
 
 
 import pytest

@@ -187,3 +187,68 @@ def test_each_measured_trial_goes_to_the_configured_logger(tmp_path):
     assert set(logged) == set(measured)
     for number, trial in measured.items():
         assert logged[number]["search/quality"] == pytest.approx(trial["quality"])
+
+
+def _entry(number, speedup, quality, flop_speedup=1.0):
+    return {"number": number, "state": "complete", "merge": {"method": "cubist", "loc": number, "ratio": 0.2},
+            "schedule": f"loc={number} ratio=0.2", "speedup": speedup, "quality": quality,
+            "quality_key": "fidelity/feature_cosine", "reason": None,
+            "timing": {"speedup_q1": speedup - 0.05, "speedup_q3": speedup + 0.05, "noisy": True,
+                       "noise": ["load"], "flop_speedup": flop_speedup}}
+
+
+def _timing(speedup, q1=None, q3=None, noisy=False):
+    return {"speedup": speedup, "speedup_q1": speedup - 0.02 if q1 is None else q1,
+            "speedup_q3": speedup + 0.02 if q3 is None else q3, "noisy": noisy, "noise": ["x"] if noisy else [],
+            "times_ms": [1.0] * 10}
+
+
+def _confirm(tmp_path, remeasured_speedups, target=1.5):
+    """``ScheduleSearch.confirm`` on three front points whose first measurement favours trial 0,
+    with the re-measurement injected: trial number -> its re-measured timing row."""
+    from types import SimpleNamespace
+
+    from spatialmerge.search import ScheduleSearch, SearchResult
+
+    trials = [_entry(0, 1.55, 0.99, 1.6), _entry(1, 1.60, 0.98, 1.7), _entry(2, 2.0, 0.95, 2.2)]
+    calls = []
+
+    def measure(merges):
+        calls.append(sorted(merges))
+        return {"setup": {"load": {"before": {"load_1m": 0.2, "cpus": 2, "threads": 2}}},
+                **{f"trial {n}": row for n, row in remeasured_speedups.items()}}
+
+    stand_in = SimpleNamespace(cfg=OmegaConf.create({"evaluator": {"throughput": {"iters": 5}}}))
+    stand_in.remeasure = lambda entries, rounds, _: ScheduleSearch.remeasure(stand_in, entries, rounds, measure)
+    first = SearchResult(tmp_path, trials, [0, 1, 2], chosen=max(trials[:2], key=lambda t: t["quality"]))
+    assert first.chosen["number"] == 0  # what one noisy measurement would choose
+    return ScheduleSearch.confirm(stand_in, first, target), calls
+
+
+def test_the_choice_follows_the_re_measurement_not_the_first_number(tmp_path):
+    from spatialmerge.search import write_outputs
+
+    result, calls = _confirm(tmp_path, {0: _timing(1.40), 1: _timing(1.58), 2: _timing(2.1)})
+    assert calls == [["trial 0", "trial 1", "trial 2"]]  # all candidates in one alternating run
+    assert result.chosen["number"] == 1 and result.chosen["remeasured"]["speedup"] == 1.58
+    assert result.note == ""
+    write_outputs(result, 1.5)
+    header = (tmp_path / "merge" / "chosen.yaml").read_text().splitlines()[:2]
+    assert "measured 1.60x (1.55-1.65) noisy" in header[0]
+    assert header[1] == "# Re-measured before choosing: 1.58x (1.56-1.60) over 10 rounds, load average 0.2 on 2 CPUs."
+    assert json.loads((tmp_path / "search.json").read_text())["chosen"]["remeasured"]["speedup"] == 1.58
+
+
+def test_a_choice_whose_interval_straddles_the_target_says_so(tmp_path):
+    result, _ = _confirm(tmp_path, {0: _timing(1.40), 1: _timing(1.52, q1=1.45, q3=1.6), 2: _timing(2.1)})
+    assert result.chosen["number"] == 1
+    assert "1.45-1.60x straddles the 1.5x target" in result.note
+
+
+def test_when_every_re_measurement_is_noisy_the_flop_ideal_speed_up_decides_and_says_so(tmp_path):
+    noisy = {n: _timing(0.9, noisy=True) for n in (0, 1, 2)}
+    result, _ = _confirm(tmp_path, noisy)
+    assert result.chosen["number"] == 0  # FLOP-ideal 1.6x >= 1.5x and the most faithful
+    assert "FLOP-ideal" in result.note
+    result, _ = _confirm(tmp_path, noisy, target=1.65)
+    assert result.chosen["number"] == 1  # trial 0's FLOP-ideal 1.6x no longer reaches it
