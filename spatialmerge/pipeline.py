@@ -273,4 +273,7 @@ def _merge_text(merge: Mapping[str, Any] | None) -> str:
         return "none"
     keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
     text = merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)
+    # the variants that change what ran, where they are not the defaults
+    defaults = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
+    text += "".join(f" {k}={merge[k]}" for k, default in defaults.items() if merge.get(k) not in (None, default))
     return text + (" prop_attn" if merge.get("prop_attn") else "")

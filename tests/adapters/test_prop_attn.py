@@ -436,3 +436,19 @@ def test_flash_attention_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1, prop_attn=True)
     spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)  # without the bias, flash is fine
+
+
+def test_reports_run_names_and_searches_say_whether_prop_attn_ran():
+    from spatialmerge.pipeline import format_summary
+    from spatialmerge.reporting.table import method_label
+    from spatialmerge.search import variant_text
+
+    assert method_label({"method": "cubist", "prop_attn": False}) == "cubist"  # the paper's
+    assert method_label({"method": "cubist", "prop_attn": True}) == "cubist (prop_attn)"
+    assert method_label({"method": "expedite", "temperature": "auto", "prop_attn": True}) == "expedite (t=auto, prop_attn)"
+    assert method_label({"method": "tome", "r": 8, "prop_attn": True}) == "tome (per layer)"  # ToMe's own
+    assert method_label({"method": "tome", "r": 8, "prop_attn": False}) == "tome (per layer, no prop_attn)"
+    assert variant_text({"method": "pool", "prop_attn": True}) == "prop_attn"
+    payload = {"model": "deit_t", "merge": {"method": "cubist", "loc": 1, "ratio": 0.2, "prop_attn": True},
+               "metrics": {}, "schedule": None}
+    assert format_summary(payload).startswith("model: deit_t   merge: cubist loc=1 ratio=0.2 prop_attn")

@@ -104,8 +104,26 @@ def test_merge_options_resolve_to_valid_patch_requests(name):
         assert request is None
         return
     config = MergeConfig.create(**request)
-    assert config.method == cfg.merge.method and name.startswith(config.method)
+    assert config.method == cfg.merge.method
+    if name in MERGE_PRESETS:  # a measured schedule: it runs exactly what its file says
+        assert config.stages[0].loc == cfg.merge.loc and request["ratio"] == cfg.merge.ratio
+        return
+    assert name.startswith(config.method)
     assert config.stages[0].loc == 3, "loc null means a quarter of the depth"
+    # prop_attn: null resolves to the method's own default, recorded as a bool
+    assert request["prop_attn"] is (config.method == "tome" and config.per_layer)
+
+
+# merge configs that fix a measured schedule for one model rather than a method's defaults
+MERGE_PRESETS = {"dinov2_s_1.5x"}
+
+
+def test_prop_attn_is_one_override_away_and_resolved_in_the_request():
+    cfg = compose_eval("merge=cubist", "merge.prop_attn=true")
+    assert merge_options(cfg.merge, 3)["prop_attn"] is True
+    cfg = compose_eval("merge=tome", "merge.r=8", "merge.prop_attn=false")
+    assert merge_options(cfg.merge, 3)["prop_attn"] is False
+    assert merge_options(compose_eval("merge=tome", "merge.r=8").merge, 3)["prop_attn"] is True
 
 
 def test_merge_schedule_precedence():
