@@ -97,3 +97,15 @@ def test_the_machine_load_is_read():
     load = machine_load()
     assert load["cpus"] >= 1 and load["threads"] == torch.get_num_threads()
     assert load["load_1m"] is None or load["load_1m"] >= 0
+
+
+def test_the_logger_summary_keeps_the_interval_and_the_noise_verdict():
+    from spatialmerge.jobs import summary_metrics
+
+    row = summarise_rounds([0.002] * 4, [0.001, 0.0018, 0.001, 0.0019], batch_size=1)
+    metrics = {"throughput": {"baseline": summarise_rounds([0.002] * 4, [0.002] * 4, 1, is_baseline=True),
+                              "cubist": row, "setup": {"iters": 4}}}
+    merged = summary_metrics(metrics)["throughput"]["merged"]
+    assert merged["noisy"] is True and merged["noise"] == row["noise"]
+    assert (merged["speedup_q1"], merged["speedup_q3"]) == (row["speedup_q1"], row["speedup_q3"])
+    assert "times_ms" not in merged  # per-round timings stay in results.json
