@@ -331,21 +331,28 @@ class ScheduleSearch:
         rounds: int,
         measure: Callable[[dict[str, dict[str, Any]]], dict[str, Any]] | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """Time the merges of ``entries`` again, all in one run alternating with the unmerged
-        model for ``rounds`` rounds (``measure`` replaces the throughput evaluator, for tests):
-        trial number -> its timing row (``timing.summarise_rounds``) with the machine's load."""
-        merges = {f"trial {entry['number']}": entry["merge"] for entry in entries}
+        """Time the merge of each of ``entries`` again, alternating with the unmerged model for
+        ``rounds`` rounds, one candidate at a time as its trial was timed (several models in one
+        round make every round slower and more variable on a small CPU); ``measure`` replaces
+        the throughput evaluator, for tests. Returns trial number -> its timing row
+        (``timing.summarise_rounds``) with the machine's load."""
         if measure is None:
             settings = OmegaConf.to_container(self.cfg.evaluator.throughput, resolve=True)
             settings.update(iters=rounds, progress=False)
             if self.model is None:
                 torch.manual_seed(self.cfg.seed)
                 self.model = instantiate(self.cfg.model)
-            timings = instantiate(settings).evaluate(self.model, merges, str(self.cfg.device))
-        else:
-            timings = measure(merges)
-        load = (timings.get("setup") or {}).get("load")
-        return {entry["number"]: {**timings[f"trial {entry['number']}"], "load": load} for entry in entries}
+            evaluator = instantiate(settings)
+
+            def measure(merges: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                return evaluator.evaluate(self.model, merges, str(self.cfg.device))
+
+        rows = {}
+        for entry in entries:
+            name = f"trial {entry['number']}"
+            timings = measure({name: entry["merge"]})
+            rows[entry["number"]] = {**timings[name], "load": (timings.get("setup") or {}).get("load")}
+        return rows
 
     def confirm(
         self,
@@ -356,8 +363,8 @@ class ScheduleSearch:
     ) -> "SearchResult":
         """Choose for ``target_speedup`` on a second, longer measurement rather than on one noisy
         number: the front points that may reach the target (first speed-up within 15% of it, or
-        its interval reaching it) are timed again together (``remeasure``, twice the configured
-        rounds and at least 10) and the most faithful whose re-measured speed-up reaches the
+        its interval reaching it) are timed again (``remeasure``, twice the configured rounds and
+        at least 10) and the most faithful whose re-measured speed-up reaches the
         target is chosen; see ``choose``."""
         by_number = {t["number"]: t for t in result.trials}
         candidates = [
