@@ -224,7 +224,7 @@ class GridRun:
         self.records: list[GridRecord] = []
         self.closed: list[GridRecord] = []  # the records of the last region ended
         self._sizes: Tensor | None = None  # (B, H', W') of the open merges, with prop_attn
-        self._unit_sizes = False
+        self._nothing_removed = False
 
     @property
     def block_window(self) -> int | None:
@@ -262,8 +262,9 @@ class GridRun:
         self.records.append(record)
         if self.config.prop_attn:
             self._sizes = _cell_sizes(self.records)
-            # nothing merged (r_h = r_w = 0): no bias at all, so the blocks run exactly as unpatched
-            self._unit_sizes = bool((self._sizes == 1).all())
+            # nothing removed (r_h = r_w = 0): no bias at all, so the blocks run exactly as
+            # unpatched; decided from the shapes, so no value leaves the device
+            self._nothing_removed = all(record.in_hw == record.out_hw for record in self.records)
         if merge_clock.enabled:
             merge_clock.stop(grid.device, started)
         return grid
@@ -278,9 +279,9 @@ class GridRun:
         """Proportional attention as an additive mask over the keys of a sequence of
         ``num_prefix`` prefix tokens then the current grid in raster order: (B, 1, 1, P + H' * W'),
         log(size) per key, 0 for prefix tokens; None where nothing is to be added (no
-        ``prop_attn``, no merge open, or every token still one patch), so the block runs exactly
-        as unpatched."""
-        if self._sizes is None or self._unit_sizes:
+        ``prop_attn``, no merge open, or no token removed), so the block runs exactly as
+        unpatched."""
+        if self._sizes is None or self._nothing_removed:
             return None
         log_size = _log_size(self._sizes).flatten(1)  # (B, H' * W')
         bias = torch.cat([log_size.new_zeros(log_size.shape[0], num_prefix), log_size], dim=1)
@@ -291,7 +292,7 @@ class GridRun:
         global) attends it: (B * nH * nW, window * window) log(size) per key of each window,
         partitioned and padded exactly as the tokens (padding cells: 0), or (B, H' * W') for a
         global block; None as in ``key_bias``."""
-        if self._sizes is None or self._unit_sizes:
+        if self._sizes is None or self._nothing_removed:
             return None
         log_size = _log_size(self._sizes)[..., None]  # (B, H', W', 1)
         if window > 0:

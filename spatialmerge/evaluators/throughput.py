@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import spatialmerge
 from spatialmerge.adapters import patch_state
-from spatialmerge.evaluators.timing import machine_load, overloaded, summarise_rounds
+from spatialmerge.evaluators.timing import host_load, machine_load, summarise_rounds
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -245,12 +245,10 @@ class ThroughputEvaluator:
 
     def _summarise(self, variants: list[Variant], device: torch.device, load: dict[str, Any]) -> dict[str, Any]:
         base = variants[0]
-        # a CPU timing is only as good as the cores it had; a GPU's does not depend on host load
-        busiest = max((m for m in load.values()), key=lambda m: m.get("load_1m") or 0.0)
-        host_load = busiest if device.type == "cpu" and overloaded(busiest) else None
+        busy = host_load(load, device.type)
         results: dict[str, Any] = {}
         for variant in variants:
-            row = summarise_rounds(base.times, variant.times, self.batch_size, host_load, variant is base)
+            row = summarise_rounds(base.times, variant.times, self.batch_size, busy, variant is base)
             results[variant.name] = {
                 **row,
                 "gflops": variant.flops / 1e9 / self.batch_size,

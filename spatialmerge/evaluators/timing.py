@@ -11,15 +11,15 @@ round i of every variant ran under the same conditions. From the same rounds:
 - ``noisy`` with ``noise`` (the reasons): the spread of the ratio is large next to the gain, a
   variant's own rounds spread widely (one busy round can hide in a steady ratio), the img/s of the
   two medians disagrees with the paired speed-up beyond that same tolerance, or the machine was
-  loaded beyond its cores (the 1-minute load average, which counts the timing process's own
-  threads, above the CPU count: other work competed for the cores).
+  loaded beyond its cores (the 1-minute load average above the CPU count by more than
+  ``LOAD_MARGIN``: other work competed for the cores).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -50,11 +50,28 @@ def machine_load() -> dict[str, Any]:
     return {"load_1m": load, "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
+# How far the 1-minute load average may exceed the CPU count before a CPU timing is called
+# loaded: the timing process's own threads fill the cores and count in the average, and the
+# average still holds the data loader that ran just before, so an idle machine reads 2.0-2.1 on
+# 2 cores; other work shows as more.
+LOAD_MARGIN = 0.5
+
+
 def overloaded(load: dict[str, Any] | None) -> bool:
-    """Whether the machine ran more work than it has cores (the load average above the CPU count)."""
+    """Whether other work competed for the cores: the load average above the CPU count by more
+    than ``LOAD_MARGIN``."""
     return bool(load) and load.get("load_1m") is not None and bool(load.get("cpus")) and (
-        load["load_1m"] > load["cpus"]
+        load["load_1m"] > load["cpus"] + LOAD_MARGIN
     )
+
+
+def host_load(load: Mapping[str, dict[str, Any]] | None, device: str) -> dict[str, Any] | None:
+    """The busiest of the loads read around a timing (``{"before": ..., "after": ...}``) if it
+    makes a CPU timing suspect, else None: a GPU's timing does not depend on the host's load."""
+    if not load or not str(device).startswith("cpu"):
+        return None
+    busiest = max(load.values(), key=lambda m: m.get("load_1m") or 0.0)
+    return busiest if overloaded(busiest) else None
 
 
 def summarise_rounds(

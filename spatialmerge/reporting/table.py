@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from spatialmerge.evaluators.timing import speedup_text
+from spatialmerge.evaluators.timing import host_load, speedup_text, summarise_rounds
 from spatialmerge.results import RESULTS_FILE
 
 # (key, markdown header); report.csv uses the keys as its header.
@@ -229,6 +229,7 @@ def _row(result: Mapping[str, Any]) -> dict[str, Any]:
     base = speed.get("baseline")
     mine = base if method == BASELINE_METHOD else speed.get(method)
     if base is not None and mine is not None:
+        mine = _summarised(mine, base, speed.get("setup") or {})
         row.update(
             tokens=mine["tokens"],
             kept_pct=_percent(mine["tokens"], base["tokens"]),
@@ -254,6 +255,20 @@ def _row(result: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(in_run, (int, float)):
             row["delta"] = float(in_run)
     return row
+
+
+def _summarised(mine: Mapping[str, Any], base: Mapping[str, Any], setup: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record's timing row with its speed-up, interval and noise verdict derived again from
+    its recorded rounds by ``timing.summarise_rounds``, so every report judges every run by the
+    same rule; a record without rounds keeps what it says."""
+    rounds, base_rounds = mine.get("times_ms"), base.get("times_ms")
+    if not rounds or not base_rounds or len(rounds) != len(base_rounds):
+        return mine
+    again = summarise_rounds(
+        [t / 1e3 for t in base_rounds], [t / 1e3 for t in rounds], int(setup.get("batch_size") or 1),
+        host_load(setup.get("load"), str(setup.get("device", "cpu"))), is_baseline=mine is base,
+    )
+    return {**mine, **{k: again[k] for k in ("img_s", "speedup", "speedup_q1", "speedup_q3", "noisy", "noise")}}
 
 
 def _reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -374,7 +389,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def describe_setup(rows: Sequence[Mapping[str, Any]]) -> str:
     """One line on where the speed numbers come from (device, dtype, batch, iterations)."""
-    setups = {json.dumps(r["setup"], sort_keys=True) for r in rows if r.get("setup")}
+    # the machine's load is a measurement of each run, not part of how it was set up
+    setups = {json.dumps({k: v for k, v in r["setup"].items() if k != "load"}, sort_keys=True)
+              for r in rows if r.get("setup")}
     devices = sorted({str(r["device"]) for r in rows if r.get("device")})
     parts = [f"device: {', '.join(devices) or 'unknown'}"]
     for setup in map(json.loads, sorted(setups)):
@@ -465,7 +482,8 @@ def write_report(
         "",
         "speed-up is the median of per-round ratios against the unmerged model timed "
         "alternately in the same process, q1-q3 its interquartile range over rounds, noisy where "
-        "the rounds disagree (why: `noise` in the run's results.json); img/s is the median "
+        "the recorded rounds disagree (each run's rounds judged again by one rule, "
+        "`spatialmerge.evaluators.timing`); img/s is the median "
         "round; FLOP-ideal is the flop counter's ratio, which no machine's load changes; "
         "Δ vs none is the accuracy difference to the unmerged model: measured in the same job "
         "where the evaluator ran both, else to the group's `merge=none` job (blank without either). "

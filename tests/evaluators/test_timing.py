@@ -109,3 +109,15 @@ def test_the_logger_summary_keeps_the_interval_and_the_noise_verdict():
     assert merged["noisy"] is True and merged["noise"] == row["noise"]
     assert (merged["speedup_q1"], merged["speedup_q3"]) == (row["speedup_q1"], row["speedup_q3"])
     assert "times_ms" not in merged  # per-round timings stay in results.json
+
+
+def test_the_timing_process_own_threads_are_not_other_work():
+    """An idle 2-core machine reads about 2.0-2.1 while the timing's own 2 threads run; more than
+    half a core beyond the CPU count is other work."""
+    from spatialmerge.evaluators.timing import host_load
+
+    loads = {"before": {"load_1m": 2.1, "cpus": 2, "threads": 2}, "after": {"load_1m": 1.9, "cpus": 2, "threads": 2}}
+    assert host_load(loads, "cpu") is None
+    loads["after"]["load_1m"] = 2.6
+    assert host_load(loads, "cpu") == loads["after"]
+    assert host_load(loads, "cuda:0") is None  # a GPU timing does not depend on the host's load

@@ -87,3 +87,15 @@ def test_old_records_without_quartiles_leave_the_cells_blank(tmp_path):
     md, _ = write_report(build_rows(collect_results(root)), tmp_path / "out", [root])
     line = next(line for line in md.read_text().splitlines() if line.startswith("| ok | sam_b | cubist"))
     assert "| 1.25x |  |  |  |" in line
+
+
+def test_the_report_judges_recorded_rounds_by_the_one_timing_summary(tmp_path):
+    """A record's stored verdict is re-derived from its rounds: the same rule for every run."""
+    root = tmp_path / "rounds"
+    merged = timed(12.5, 1.25, 1.25, 1.25, noisy=True)  # a stale verdict ...
+    merged["times_ms"] = [80.0, 80.0, 80.0, 80.0]  # ... of steady rounds: 100 / 80 = 1.25x
+    record = result("cubist", miou=68.5, merged=merged, loc=3)
+    record["metrics"]["throughput"]["baseline"]["times_ms"] = [100.0, 100.0, 100.0, 100.0]
+    write(root, "0", record)
+    (row,) = [r for r in build_rows(collect_results(root)) if r["method"] == "cubist"]
+    assert row["speedup"] == 1.25 and row["noisy"] is False and row["noise"] == []
