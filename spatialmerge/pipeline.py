@@ -21,7 +21,7 @@ from torch import nn
 import spatialmerge
 from spatialmerge import distributed
 from spatialmerge.adapters import find_adapter
-from spatialmerge.adapters.config import default_prop_attn
+from spatialmerge.adapters.config import VARIANT_DEFAULTS, default_prop_attn
 from spatialmerge.models import model_info
 from spatialmerge.results import RESULTS_FILE, environment, write_json_atomic
 
@@ -274,6 +274,7 @@ def _merge_text(merge: Mapping[str, Any] | None) -> str:
     keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
     text = merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)
     # the variants that change what ran, where they are not the defaults
-    defaults = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
-    text += "".join(f" {k}={merge[k]}" for k, default in defaults.items() if merge.get(k) not in (None, default))
+    text += "".join(
+        f" {k}={merge[k]}" for k, default in VARIANT_DEFAULTS.items() if merge.get(k) not in (None, default)
+    )
     return text + (" prop_attn" if merge.get("prop_attn") else "")

@@ -30,6 +30,7 @@ from torch import nn
 
 import spatialmerge
 from spatialmerge.adapters import find_adapter
+from spatialmerge.adapters.config import VARIANT_DEFAULTS
 from spatialmerge.evaluators.timing import speedup_text
 from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators, with_backbone_defaults
 from spatialmerge.reporting.table import schedule_text
@@ -453,9 +454,8 @@ def front_table(result: SearchResult) -> str:
 
 def variant_text(merge: Mapping[str, Any]) -> str:
     """The searched options of a merge that are not its method's defaults, or "-"."""
-    defaults = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
-    parts = [f"{key}={merge[key]}" for key in ("reduce", "metric", "align")
-             if merge.get(key) not in (None, defaults[key])]
+    parts = [f"{key}={merge[key]}" for key, default in VARIANT_DEFAULTS.items()
+             if merge.get(key) not in (None, default)]
     if merge.get("method") == "expedite":
         parts.append(f"t={merge.get('temperature')}")
     if merge.get("prop_attn"):

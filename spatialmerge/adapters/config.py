@@ -22,6 +22,8 @@ EXPEDITE_KEYS: tuple[str, ...] = (
 METRICS: tuple[str, ...] = ("tokens", "keys", "normed")
 POSITIONS: tuple[str, ...] = ("grid", "centroid")
 ALIGNS: tuple[str, ...] = ("none", "window")
+# The variant options whose default is the paper's method: a label names them only when changed.
+VARIANT_DEFAULTS: dict[str, str] = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
 
 
 def default_prop_attn(method: str, per_layer: bool) -> bool:

@@ -21,6 +21,7 @@ from spatialmerge.merging import cubist_merge, cubist_recover
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_eva import tiny_dinov3  # noqa: E402
+from test_hiera import sam2  # noqa: E402,F401  (the tiny SAM 2 fixture)
 from test_hf import tiny  # noqa: E402
 from test_sam import tiny_encoder  # noqa: E402
 from test_vit import embed, tiny_deit, tiny_registers  # noqa: E402
@@ -157,19 +158,6 @@ def test_sam_with_padded_windows_and_a_global_block_equals_hand_written_attentio
 
 
 # ---------------------------------------------------------------- SAM 2 Hiera
-
-
-@pytest.fixture(scope="module")
-def sam2():
-    from test_hiera import TINY_TRUNK
-
-    from spatialmerge.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("sam2_b+", trunk=TINY_TRUNK)
-    for parameter in model.image_encoder.trunk.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    return model
 
 
 def hiera_block(block, x, log_size):
