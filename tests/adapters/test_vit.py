@@ -8,7 +8,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import spatialmerge
 import spatialmerge.adapters.vit  # noqa: F401  (registers the adapter)
-from spatialmerge.merging import bipartite_soft_matching, cubist_merge, cubist_recover, merge_wavg
+from spatialmerge.merging import cubist_merge, cubist_recover
 
 
 def tiny_deit(**kwargs) -> VisionTransformer:
@@ -72,32 +72,82 @@ def cubist_reference(model, images, loc, r_h, r_w, recover=False):
     return model.norm(x)
 
 
-def tome_reference(model, images, schedule, proportional=True):
-    """Per-layer ToMe written out: explicit attention math, keys from a second qkv call.
+def paper_tome(model, images, schedule, proportional=True):
+    """Per-layer ToMe written from the paper (Bolya et al., ICLR 2023, Sec. 3), one image at a time.
 
-    Returns the normed tokens and the unmerge functions, first layer first.
+    No project code: in each block, attention with log(size) added to every key's logits
+    (proportional attention, Eq. 1), then bipartite soft matching on the keys (mean over heads):
+    tokens alternate into sets A (even positions) and B (odd), each A token draws one edge to its
+    most cosine-similar B token, the r most similar edges are kept and each kept A token is
+    averaged, weighted by size, into its B partner. Prefix tokens (CLS, distillation) are never
+    matched. The sets are concatenated back as ToMe's code does: prefix tokens, the unmerged A
+    tokens (by position when there is a prefix, else by descending edge score), then B.
+
+    Returns the normed tokens (B, N', C) and, per image, the original patch indices each
+    non-prefix output token covers.
     """
-    x, _ = embed(model, images)
+    tokens, _ = embed(model, images)
     prefix = model.num_prefix_tokens
-    size, unmerges = None, []
-    for r, block in zip(schedule, model.blocks):
-        attn = block.attn
-        normed = block.norm1(x)
-        b, n, _ = normed.shape
-        q, k, v = attn.qkv(normed).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        keys = k.mean(1)  # (B, N, D): head mean, before k-norm
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-        if proportional and size is not None:
-            logits = logits + size.log()[:, None, None, :, 0]
-        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
-        x = x + block.ls1(attn.proj(out))
-        if r:
-            merge, unmerge = bipartite_soft_matching(keys, r, prefix)
-            x, size = merge_wavg(merge, x, size)
-            unmerges.append(unmerge)
-        x = x + block.ls2(block.mlp(block.norm2(x)))
-    return model.norm(x), unmerges
+    outputs, all_groups = [], []
+    for x in tokens:  # (N, C)
+        groups = [[i] for i in range(x.shape[0])]  # original token indices behind each token
+        for r, block in zip(schedule, model.blocks):
+            attn = block.attn
+            n = x.shape[0]
+            q, k, v = attn.qkv(block.norm1(x)).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+            keys = k.mean(0)  # (N, D): head mean, before k-norm
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            logits = (q @ k.transpose(-2, -1)) / attn.head_dim**0.5  # (heads, N, N)
+            if proportional:
+                logits = logits + torch.tensor([float(len(g)) for g in groups]).log()
+            x = x + block.ls1(attn.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(n, -1)))
+            if r:
+                x, groups = _paper_bipartite_merge(x, groups, keys, r, prefix)
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        outputs.append(model.norm(x))
+        all_groups.append([[i - prefix for i in g] for g in groups[prefix:]])
+    return torch.stack(outputs), all_groups
+
+
+def _paper_bipartite_merge(x, groups, keys, r, prefix):
+    """One ToMe step on (N, C) tokens: merge the r best A->B edges, size-weighted."""
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    a_pos = [i for i in range(0, len(groups), 2) if i >= prefix]
+    b_pos = [j for j in range(1, len(groups), 2) if j >= prefix]
+    edges = []  # (similarity, A position, best B position)
+    for i in a_pos:
+        similarity = [float(unit[i] @ unit[j]) for j in b_pos]
+        best = max(range(len(b_pos)), key=similarity.__getitem__)
+        edges.append((similarity[best], i, b_pos[best]))
+    edges.sort(key=lambda edge: -edge[0])
+    into = {i: j for _, i, j in edges[:r]}
+    unmerged = [i for _, i, _ in edges[r:]]
+    if prefix:
+        unmerged.sort()
+    sums = {j: x[j] * len(groups[j]) for j in range(1, len(groups), 2)}
+    members = {j: list(groups[j]) for j in range(1, len(groups), 2)}
+    for i, j in into.items():
+        sums[j] = sums[j] + x[i] * len(groups[i])
+        members[j] += groups[i]
+    order = list(range(prefix)) + unmerged + [j for j in range(1, len(groups), 2) if j >= prefix]
+    new_x, new_groups = [], []
+    for position in order:
+        if position in members:
+            new_x.append(sums[position] / len(members[position]))
+            new_groups.append(sorted(members[position]))
+        else:
+            new_x.append(x[position])
+            new_groups.append(groups[position])
+    return torch.stack(new_x), new_groups
+
+
+def assignment_of(groups, num_patches):
+    """(B, num_patches) output index of each patch, from per-image groups of patch indices."""
+    where = torch.empty(len(groups), num_patches, dtype=torch.long)
+    for image, image_groups in enumerate(groups):
+        for slot, group in enumerate(image_groups):
+            where[image, group] = slot
+    return where
 
 
 def non_fused(model):
@@ -248,20 +298,23 @@ def test_per_layer_tome_token_counts_follow_the_schedule(r, schedule):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("build", [tiny_qk_norm_vit, tiny_distilled], ids=["qk_norm_layerscale", "distilled"])
-def test_per_layer_tome_matches_reference_with_proportional_attention(build):
+@pytest.mark.parametrize(
+    "build", [tiny_qk_norm_vit, tiny_distilled, tiny_deit], ids=["qk_norm_layerscale", "distilled", "deit"]
+)
+def test_per_layer_tome_matches_the_papers_algorithm_with_proportional_attention(build):
     model = non_fused(build())  # timm's explicit softmax path: the reference is bit-comparable
-    x = torch.randn(2, 3, 64, 64)
+    size = model.patch_embed.img_size
+    x = torch.randn(2, 3, *size)
     schedule = [6, 4, 2, 1][: len(model.blocks)]
-    expected, _ = tome_reference(model, x, schedule)
-    without_sizes, _ = tome_reference(model, x, schedule, proportional=False)
+    expected, groups = paper_tome(model, x, schedule)
+    without_sizes, _ = paper_tome(model, x, schedule, proportional=False)
     spatialmerge.patch(model, "tome", r=schedule)
     out = model.forward_features(x)
+    # the same patches merged in every layer, into the same output slots
+    state = spatialmerge.patch_state(model)
+    assert torch.equal(state.last_assignment, assignment_of(groups, state.last_assignment.shape[1]))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out, without_sizes, atol=1e-4), "log(size) must reach the attention logits"
-    prefix = model.num_prefix_tokens
-    # prefix tokens stay in front, untouched by merges (they keep their own features)
-    torch.testing.assert_close(out[:, :prefix], expected[:, :prefix], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, without_sizes, atol=1e-3), "log(size) must reach the attention logits"
 
 
 @torch.no_grad()
@@ -275,17 +328,18 @@ def test_per_layer_tome_fused_and_explicit_attention_agree():
 
 
 @torch.no_grad()
-def test_per_layer_tome_recover_unmerges_to_every_token():
+def test_per_layer_tome_recover_gives_every_patch_its_groups_token():
     model = non_fused(tiny_qk_norm_vit())
     x = torch.randn(2, 3, 64, 64)
     schedule = [6, 4, 2, 1]
-    merged, unmerges = tome_reference(model, x, schedule)
-    for unmerge in reversed(unmerges):
-        merged = unmerge(merged)
+    merged, groups = paper_tome(model, x, schedule)
+    where = assignment_of(groups, 64)  # (B, 64)
+    patches = merged[:, 1:].gather(1, where[..., None].expand(-1, -1, merged.shape[-1]))
+    expected = torch.cat([merged[:, :1], patches], dim=1)
     spatialmerge.patch(model, "tome", r=schedule, recover=True)
     out = model.forward_features(x)
     assert out.shape == (2, 1 + 64, 64)
-    torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_per_layer_tome_errors_are_clear():
