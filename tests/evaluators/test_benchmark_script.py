@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,9 +49,6 @@ def test_benchmark_script_writes_every_column(tmp_path):
     command = shlex.split(payload["setup"]["command"])
     assert command[:2] == ["python", "scripts/benchmark.py"] and "True" not in command
     assert "--tiny" in command and command[command.index("--out") + 1] == str(out)
-
-
-import pytest
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,11 @@ import spatialmerge
 from spatialmerge.data import CocoInstances
 from spatialmerge.evaluators import MIoUEvaluator, Top1Evaluator
 
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
+
 WORKER = Path(__file__).with_name("distributed_eval_worker.py")
 
 
-@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(
     tmp_path: Path,
     tiny_imagenet: ImageFolder,

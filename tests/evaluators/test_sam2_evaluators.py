@@ -18,25 +18,16 @@ import spatialmerge
 from spatialmerge.data import CocoInstances
 from spatialmerge.evaluators import FidelityEvaluator, MIoUEvaluator
 from spatialmerge.evaluators.prompting import PromptPredictor
-from spatialmerge.models import build_model
 from spatialmerge.pipeline import EvalContext
+from tests.evaluators.conftest import TINY_TRUNK, build_tiny_sam2
 
 ROOT = Path(__file__).resolve().parents[2]
-# Hiera at SAM 2's 1024 px with stages of 1, 1, 4, 1 blocks: stage 3 (blocks 2-5) on 64x64.
-TINY_TRUNK = {
-    "embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
-    "window_spec": [8, 4, 14, 7], "window_pos_embed_bkg_spatial_size": [7, 7],
-}
 MERGE = {"method": "cubist", "loc": 3, "ratio": 0.125, "align": "window"}
 
 
 @pytest.fixture(scope="module")
 def tiny_sam2():
-    torch.manual_seed(0)
-    model = build_model("sam2_t", trunk=TINY_TRUNK)
-    for parameter in model.image_encoder.trunk.parameters():
-        torch.nn.init.normal_(parameter, std=0.2)
-    return model
+    return build_tiny_sam2()
 
 
 @pytest.mark.parametrize("prompt", ["box", "point"])
@@ -76,6 +67,7 @@ def test_fidelity_compares_sam2_masks_and_embeddings(coco_root, tiny_sam2):
     assert merged["embedding_cosine"] < 1.0 - 1e-6, "the merge changed the embedding"
 
 
+@pytest.mark.slow
 def test_eval_py_runs_sam2_coco_miou_with_merging_from_a_checkpoint(coco_root, tiny_sam2, tmp_path):
     checkpoint = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": tiny_sam2.state_dict()}, checkpoint)

@@ -19,6 +19,8 @@ from spatialmerge.models import build_model
 from spatialmerge.models import embedded
 from spatialmerge.models.embedded import EmbeddedWeightsError, embedded_checkpoint
 
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
+
 PHOTOS = ["astronaut", "chelsea", "coffee"]
 
 

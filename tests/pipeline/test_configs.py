@@ -36,6 +36,7 @@ def test_every_group_has_its_expected_options():
     assert set(options("logger")) == {"wandb", "jsonl", "none"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_build_the_named_backbone(name):
     cfg = compose_eval(f"model={name}")

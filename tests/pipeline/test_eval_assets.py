@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
 from spatialmerge.models import build_model
+
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SAM = {"image_size": 128, "depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4}

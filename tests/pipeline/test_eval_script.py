@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SAM = [
     "model=sam_b_random",

@@ -88,6 +88,7 @@ def test_figure_shows_each_panel_pixel_for_pixel(tiny_sam, image_png, tmp_path):
         assert hits, f"the {found.method} panel is not drawn at its own size"
 
 
+@pytest.mark.slow
 def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli, capsys):
     out = tmp_path / "merges.png"
     args = [str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--methods", "cubist,tome,pool",

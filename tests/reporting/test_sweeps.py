@@ -67,6 +67,7 @@ def test_the_promised_sweeps_exist():
             "ablation_positions"} <= set(SWEEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_job_of_a_sweep_composes_into_a_valid_merge(name):
     text = (CONFIGS / "sweep" / f"{name}.yaml").read_text()
@@ -92,6 +93,7 @@ def run_eval(args, tmp_path):
                           capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_a_sweep_survives_a_failing_job_and_reports_every_job(tmp_path):
     # cpu_throughput narrowed to 2 jobs on a tiny SAM; ratio 0.6 is out of range, so job 1 fails.
     done = run_eval(["+sweep=cpu_throughput", "merge=cubist", "merge.loc=1", "merge.ratio=0.25,0.6", *TINY_SAM], tmp_path)

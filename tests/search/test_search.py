@@ -64,6 +64,7 @@ def study(directory: Path) -> optuna.Study:
     return optuna.load_study(study_name="schedule_search", storage=f"sqlite:///{directory / STUDY_FILE}")
 
 
+@pytest.mark.slow
 def test_a_search_writes_its_study_records_report_and_a_choice_that_reproduces(tmp_path):
     directory = tmp_path / "study"
     done = search(directory, "--trials", "4", "--target-speedup", "0.01")
@@ -97,6 +98,7 @@ def test_a_search_writes_its_study_records_report_and_a_choice_that_reproduces(t
     assert measured == pytest.approx(chosen["quality"], abs=1e-6), "the chosen config reproduces its fidelity"
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_without_rerunning_or_losing_finished_trials(tmp_path):
     directory = tmp_path / "study"
     process = subprocess.Popen(

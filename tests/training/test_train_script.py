@@ -10,6 +10,8 @@ import pytest
 import torch
 from train_helpers import CUBIST, QUIET, TINY_MODEL, run_train_script
 
+pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
+
 # Mixup pairs images within a process's batch, so it is off here: with it on, one process of 16
 # and two of 8 would mix different pairs. Everything else in the recipe stays on.
 TINY_RUN = [
@@ -62,7 +64,6 @@ def test_one_process_writes_results_checkpoint_and_metrics(single_process: Path)
     assert events[-1] == {**events[-1], "event": "finish", "status": "ok"}
 
 
-@pytest.mark.slow
 def test_two_torchrun_processes_match_one(colour_imagenet: Path, tmp_path: Path, single_process: Path):
     done = run_train_script(
         [*TINY_RUN, f"dataset.root={colour_imagenet}", f"trainer.batch_size={GLOBAL_BATCH // 2}"],

@@ -42,6 +42,7 @@ def test_by_default_an_unreadable_image_stops_the_run_naming_it_and_both_fixes(b
     assert "replace or remove the file" in message and "trainer.skip_corrupt_images=true" in message
 
 
+@pytest.mark.slow
 def test_train_py_prints_the_unreadable_file_in_one_line(broken_data, tmp_path):
     data, broken = broken_data
     args = [*TINY_MODEL, *CUBIST, *QUIET, *SHORT, f"dataset.root={data}", "trainer.num_workers=2"]
