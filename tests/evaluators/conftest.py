@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from spatialmerge.data import imagenet_dataset
+from spatialmerge.data import CocoInstances, imagenet_dataset
 from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
 from spatialmerge.models import build_model
 
@@ -81,6 +83,24 @@ def build_tiny_deit(num_classes: int = 3) -> nn.Module:
         depth=1,
         num_classes=num_classes,
     ).eval()
+
+
+def miou_by_hand(predictor: Any, dataset: CocoInstances, prompt: str) -> tuple[float, float]:
+    """(mIoU over instances, mean of per-image mIoU) in %: a SamPredictor or SAM2ImagePredictor
+    called once per prompt (``predict``, one mask), each mask against its instance's mask."""
+    per_image = []
+    for item in dataset:
+        predictor.set_image(item["image"])
+        ious = []
+        for prompt_xy, truth in zip(item["prompts"], item["masks"]):
+            where = {"box": prompt_xy} if prompt == "box" else {
+                "point_coords": prompt_xy[None], "point_labels": np.ones(1)}
+            mask = torch.from_numpy(np.asarray(predictor.predict(multimask_output=False, **where)[0][0]) > 0.5)
+            truth = torch.as_tensor(truth).bool()
+            ious.append(float((mask & truth).sum()) / max(float((mask | truth).sum()), 1.0))
+        per_image.append(ious)
+    every = [iou for ious in per_image for iou in ious]
+    return 100 * float(np.mean(every)), 100 * float(np.mean([np.mean(ious) for ious in per_image]))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from spatialmerge.data import CocoInstances
 from spatialmerge.evaluators import FidelityEvaluator, MIoUEvaluator
 from spatialmerge.evaluators.prompting import PromptPredictor
 from spatialmerge.pipeline import EvalContext
-from tests.evaluators.conftest import TINY_TRUNK, build_tiny_sam2
+from tests.evaluators.conftest import TINY_TRUNK, build_tiny_sam2, miou_by_hand
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGE = {"method": "cubist", "loc": 3, "ratio": 0.125, "align": "window"}
@@ -39,7 +39,10 @@ def test_miou_runs_on_sam2_with_one_mask_per_instance_at_image_size(coco_root, t
     assert masks.shape == (2, 40, 56) and masks.dtype == torch.bool
     result = evaluator.evaluate(tiny_sam2, dataset)
     assert (result["instances"], result["images"]) == (4, 2)
-    assert 0.0 <= result["miou"] <= 100.0
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    expected = miou_by_hand(SAM2ImagePredictor(tiny_sam2), dataset, prompt)
+    assert (result["miou"], result["miou_per_image"]) == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_single_prompt_keeps_its_prompt_axis(coco_root, tiny_sam2):

@@ -36,6 +36,12 @@ def test_every_group_has_its_expected_options():
     assert set(options("logger")) == {"wandb", "jsonl", "none"}
 
 
+ADAPTER_OF_FAMILY = {
+    "sam": "segment-anything SAM", "sam2": "SAM 2 Hiera", "samvit": "timm samvit", "vit": "timm ViT",
+    "eva": "timm Eva (DINOv3)", "hf": "transformers", "hf sam": "transformers SAM",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_build_the_named_backbone(name):
@@ -47,7 +53,9 @@ def test_model_options_build_the_named_backbone(name):
     with torch.device("meta" if on_meta else "cpu"):
         model = instantiate(cfg.model, checkpoint=None)
     assert isinstance(model, torch.nn.Module)
-    assert spatialmerge.adapters.find_adapter(model) is not None
+    family = spatialmerge.models.model_info(cfg.model.name).family
+    expected = ADAPTER_OF_FAMILY["hf sam" if name == "hf_sam_b" else family]
+    assert spatialmerge.adapters.find_adapter(model).name == expected
 
 
 @pytest.mark.parametrize(
