@@ -1,6 +1,7 @@
-"""``describe_schedule`` (what results.json and the ``ran:`` line say) against what a patched
-forward actually did, on every backbone family and every method: the grid each scheduled block
-received and returned, observed on the tensors, and the state's ``last_hw`` after the forward."""
+"""What every backbone family runs, observed on the tensors of a patched forward:
+``describe_schedule`` (what results.json and the ``ran:`` line say) against the grid each
+scheduled block received and returned, for every method; and the ``keys`` / ``normed`` matching
+metrics against their formula on the merged block's own weights."""
 
 from __future__ import annotations
 
@@ -98,3 +99,62 @@ def test_the_described_per_layer_tome_schedule_is_what_each_block_merged(build, 
     assert described["r_per_block"] == merged
     assert described["grid_in"] == [side, side] and described["tokens_in"] == side * side
     assert described["tokens_out"] == out.shape[1] - model.num_prefix_tokens
+
+
+def block_at(family: str, model: torch.nn.Module, loc: int) -> torch.nn.Module:
+    if family == "hiera":
+        return model.image_encoder.trunk.blocks[loc]
+    if family == "transformers dinov2":
+        return model.encoder.layer[loc]
+    if family.startswith("transformers sam"):
+        return model.vision_encoder.layers[loc]
+    return model.blocks[loc]
+
+
+def pre_attention_norm(family: str, block: torch.nn.Module) -> torch.nn.Module:
+    """The norm each family's block applies to its input before attention, as its forward reads."""
+    return block.layer_norm1 if family.startswith("transformers sam") else block.norm1
+
+
+def keys_by_hand(family: str, block: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., head_dim): the key projection's rows of the block's own weights applied
+    to the normed tokens, split into heads as the block's forward splits them, mean over heads."""
+    if family == "transformers dinov2":
+        heads, weight, bias = block.attention.config.num_attention_heads, block.attention.k_proj.weight, \
+            block.attention.k_proj.bias
+    else:  # one fused qkv projection, laid out (3, heads, head_dim) on its output axis
+        attn = block.attn
+        heads = getattr(attn, "num_heads", None) or attn.num_attention_heads
+        third = attn.qkv.out_features // 3
+        weight = attn.qkv.weight[third : 2 * third]
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[third : 2 * third]
+    keys = torch.nn.functional.linear(normed, weight, bias)
+    return keys.unflatten(-1, (heads, keys.shape[-1] // heads)).mean(-2)
+
+
+@pytest.mark.parametrize("metric", ["keys", "normed"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@torch.no_grad()
+def test_the_matching_metric_is_the_formula_on_the_merged_blocks_input(family, metric, sam2, monkeypatch):
+    import spatialmerge.adapters.base as base
+
+    model, x, forward = _families(sam2)[family]
+    loc = STAGE3 if family == "hiera" else 1
+    seen = []
+    reduce_grid = base.reduce_grid
+
+    def spy(method, grid, out_hw, metric=None, **options):
+        seen.append((grid, metric))
+        return reduce_grid(method, grid, out_hw, metric=metric, **options)
+
+    monkeypatch.setattr(base, "reduce_grid", spy)
+    spatialmerge.patch(model, "cubist", loc=loc, r_h=1, r_w=1, metric=metric)
+    forward(model, x)
+    spatialmerge.unpatch(model)
+    (grid, used), = seen  # (B, H, W, C) patch grid entering block loc, and the metric it matched on
+    block = block_at(family, model, loc)
+    normed = pre_attention_norm(family, block)(grid)
+    expected = normed if metric == "normed" else keys_by_hand(family, block, normed)
+    torch.testing.assert_close(used, expected, atol=1e-6, rtol=1e-5)
+    if metric == "normed":  # keys have head_dim channels, so they cannot be the tokens
+        assert not torch.allclose(used, grid, atol=1e-3), "the norm must change the tokens"
