@@ -1,6 +1,8 @@
 """timm VisionTransformer (DeiT, distilled DeiT, register models) with every merge method."""
 
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -407,16 +409,23 @@ def test_backward_reaches_patch_embed_with_and_without_checkpointing():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("options", [dict(method="cubist", loc=1, r_h=2, r_w=2), dict(method="tome", r=3)])
+@pytest.mark.parametrize("options", [dict(method="cubist", loc=1, r_h=2, r_w=2), dict(method="tome", r=5)])
 def test_bfloat16_forward_on_cpu(options):
+    """bf16 merged within bf16's own rounding of the model (2x the unmerged model's bf16 error,
+    measured 0.0033 on logits of at most 0.31), far below what the merge itself changes."""
     model = tiny_deit()
     x = torch.randn(2, 3, 96, 96)
+    unmerged = model(x)
+    rounding = (copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float() - unmerged).abs().max()
     options = dict(options)
     spatialmerge.patch(model, options.pop("method"), **options)
     expected = model(x)
     out = model.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 10)
-    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.1)
+    tolerance = 2 * float(rounding)
+    assert (out.float() - expected).abs().max() <= tolerance
+    # a bf16 run that skipped or botched the merge would be off by about this much
+    assert (expected - unmerged).abs().max() > 2 * tolerance
 
 
 @torch.no_grad()

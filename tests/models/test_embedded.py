@@ -9,6 +9,8 @@ import sys
 import warnings
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -43,8 +45,6 @@ def photos(dinov2: torch.nn.Module) -> SkimagePhotos:
 
 def test_conversion_equals_onnxruntime_on_real_photos(dinov2_224):
     photos = SkimagePhotos(PHOTOS[:2], transform=eval_transform(dinov2_224))
-    ort = pytest.importorskip("onnxruntime")
-    import onnx
 
     graph = onnx.load(str(embedded.onnx_path()))
     backbone_out = "/backbone/layernorm/Add_1_output_0"  # the backbone's output, before the decoder
