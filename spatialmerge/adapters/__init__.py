@@ -9,7 +9,6 @@ from spatialmerge.adapters import eva, hf, hiera, sam, vit  # noqa: F401
 from spatialmerge.adapters.base import (
     Adapter,
     GridRun,
-    describe_schedule,
     PatchState,
     find_adapter,
     patch,
@@ -18,6 +17,7 @@ from spatialmerge.adapters.base import (
     unpatch,
 )
 from spatialmerge.adapters.config import MergeConfig, Stage
+from spatialmerge.adapters.schedule import describe_schedule
 
 __all__ = [
     "Adapter",
