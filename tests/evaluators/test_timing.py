@@ -121,3 +121,63 @@ def test_the_timing_process_own_threads_are_not_other_work():
     loads["after"]["load_1m"] = 2.6
     assert host_load(loads, "cpu") == loads["after"]
     assert host_load(loads, "cuda:0") is None  # a GPU timing does not depend on the host's load
+
+
+def test_the_variants_own_quartiles_and_a_single_round():
+    row = summarise_rounds([0.004, 0.004, 0.004, 0.004, 0.004], [0.001, 0.002, 0.003, 0.004, 0.005], batch_size=1)
+    # inclusive quartiles of 1..5 ms: 2, 3, 4
+    assert (row["ms_q1"], row["ms_per_batch"], row["ms_q3"]) == pytest.approx((2.0, 3.0, 4.0))
+    one = summarise_rounds([0.003], [0.002], batch_size=4)
+    assert (one["ms_q1"], one["ms_per_batch"], one["ms_q3"]) == pytest.approx((2.0, 2.0, 2.0))
+    assert (one["speedup_q1"], one["speedup"], one["speedup_q3"]) == pytest.approx((1.5, 1.5, 1.5))
+    assert one["img_s"] == pytest.approx(2000.0)
+    two = summarise_rounds([0.004, 0.004], [0.001, 0.002], batch_size=1)
+    assert (two["speedup_q1"], two["speedup"], two["speedup_q3"]) == pytest.approx((2.5, 3.0, 3.5))
+
+
+def test_the_noise_reasons_say_by_how_much():
+    # merged rounds 1, 1, 2, 3 ms: IQR 1.25 over median 1.5 = 83%
+    row = summarise_rounds([0.004] * 4, [0.001, 0.001, 0.002, 0.003], batch_size=1)
+    assert "the merged rounds vary by 83% (IQR / median)" in row["noise"]
+
+
+def test_half_the_gain_is_the_limit_of_the_speed_ups_spread():
+    """Gain 0.1: an IQR of 0.03 is under half of it, one of 0.06 over (a rule that divided by
+    the gain, a limit of 5, would pass both)."""
+    tight = summarise_rounds([0.0011] * 4, [0.00095, 0.001, 0.001, 0.00105], batch_size=1)
+    wide = summarise_rounds([0.0011] * 4, [0.0009, 0.001, 0.001, 0.0011], batch_size=1)
+    for row, spread in ((tight, 0.0275), (wide, 0.0556)):
+        assert row["speedup"] == pytest.approx(1.1)
+        assert row["speedup_q3"] - row["speedup_q1"] == pytest.approx(spread, abs=5e-4)
+    assert tight["noisy"] is False, tight["noise"]
+    assert wide["noise"] == ["the speed-up's IQR 1.08-1.13x is wider than half its gain"]
+
+
+def test_the_load_rule_is_strictly_above_the_margin_and_reads_the_busiest_reading():
+    from spatialmerge.evaluators.timing import LOAD_MARGIN, host_load, overloaded
+
+    assert overloaded({"load_1m": 2 + LOAD_MARGIN, "cpus": 2}) is False  # at the margin: idle
+    assert overloaded({"load_1m": 2 + LOAD_MARGIN + 0.01, "cpus": 2}) is True
+    busy = {"load_1m": 3.0, "cpus": 2}
+    # a reading without a load average counts as 0, never as busier than a real reading
+    assert host_load({"before": {"load_1m": None, "cpus": 2}, "after": busy}, "cpu") == busy
+    assert host_load({"before": {"load_1m": None, "cpus": 2}, "after": {"load_1m": 0.5, "cpus": 2}}, "cpu") is None
+    assert host_load({"before": busy}, "cuda:0") is None
+
+
+def test_the_speedup_text_needs_both_ends_of_the_interval():
+    assert speedup_text({"speedup": 1.5, "speedup_q1": 1.4, "speedup_q3": None}) == "1.50x"
+    assert speedup_text({"speedup": 1.5, "speedup_q1": 1.4, "speedup_q3": 1.6, "noisy": True}) == "1.50x (1.40-1.60) noisy"
+
+
+def test_the_machine_load_is_the_one_minute_average(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.25, 7.0, 9.0))
+    assert machine_load()["load_1m"] == 1.25
+
+    def unavailable():
+        raise OSError
+
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert machine_load()["load_1m"] is None

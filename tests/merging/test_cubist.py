@@ -280,3 +280,26 @@ def test_window_aligned_r_stays_reachable():
 def test_record_is_a_plain_value():
     record = CubistRecord(torch.zeros(1, 4, dtype=torch.long), (2, 2), (1, 1))
     assert record.cell_sizes().tolist() == [[[4.0]]]
+
+
+def test_equal_similarities_pick_the_leftmost_odd_tokens_and_their_left_neighbours():
+    """All tokens alike: every score ties, so the stable sort takes the first odd tokens and
+    each goes to its left neighbour (the rule that makes ties the same on every device)."""
+    same = torch.ones(1, 6, 4)
+    assert merge_1d(same, 1)[3].tolist() == [[0, 0, 1, 2, 3, 4]]
+    assert merge_1d(same, 2)[3].tolist() == [[0, 0, 1, 1, 2, 3]]
+
+
+def test_the_metric_decides_the_matching_of_both_passes():
+    torch.manual_seed(0)
+    x, metric = torch.randn(2, 5, 7, 8), torch.randn(2, 5, 7, 3)
+    by_metric = cubist_merge(x, 2, 3, metric=metric)[1].index
+    assert torch.equal(by_metric, cubist_merge(metric, 2, 3)[1].index)
+    assert not torch.equal(by_metric, cubist_merge(x, 2, 3)[1].index)
+
+
+def test_removing_nothing_maps_every_position_to_itself():
+    x = torch.randn(3, 2, 5, 4)
+    y, metric, size, index = merge_1d(x, 0)
+    assert y is x and metric is None and size is None
+    assert torch.equal(index, torch.arange(5).expand(3, 2, 5))
