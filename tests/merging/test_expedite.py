@@ -160,6 +160,11 @@ def test_gradients_reach_the_input_through_both_steps():
         ({"reconstruct": "sum"}, "reconstruct='sum'.*l2, softmax"),
         ({"k": 0}, "k=0"),
         ({"k": 7}, "k=7 exceeds the 6 centroids.*k <= 6.*k=None"),
+        ({"out_hw": (2.0, 3)}, r"out_hw=\(2.0, 3\) must be two ints"),
+        ({"n_iters": True}, "n_iters=True must be an int"),
+        ({"window_size": True}, "window_size=True must be a positive odd int"),
+        ({"k": True}, "k=True must be an int"),
+        ({"temperature": math.inf}, "temperature=inf must be a finite number"),
     ],
 )
 def test_bad_arguments_name_value_limit_and_fix(kwargs, match):
@@ -309,3 +314,54 @@ def test_auto_temperature_is_scale_free():
     # by hand: neighbours of a 1x2 grid [0, 2] are 4 apart in squared distance
     two = torch.tensor([0.0, 2.0]).view(1, 1, 2, 1)
     assert auto_temperature(two).item() == pytest.approx(AUTO_TEMPERATURE_SCALE / 4)
+
+
+def test_auto_temperature_by_hand_on_every_grid_shape():
+    # 2x3 grid, one channel: horizontal steps 1, 3 | 0, 4; vertical steps 2, 1, 2
+    x = torch.tensor([[0.0, 1, 4], [2, 2, 6]]).view(1, 2, 3, 1)
+    squares = [1, 9, 0, 16] + [4, 1, 4]
+    assert auto_temperature(x).item() == pytest.approx(AUTO_TEMPERATURE_SCALE / (sum(squares) / 7))
+    # a single row has only horizontal steps, a single column only vertical ones; channels add up
+    row = torch.tensor([[0.0, 0], [1, 2], [1, 0]]).view(1, 1, 3, 2)  # steps 1 + 4, 0 + 4
+    assert auto_temperature(row).item() == pytest.approx(AUTO_TEMPERATURE_SCALE / 4.5)
+    assert auto_temperature(row.transpose(1, 2)).item() == pytest.approx(AUTO_TEMPERATURE_SCALE / 4.5)
+    # one temperature per image; a grid of one token has no neighbours and gets the scale itself
+    two = torch.cat([x, 2 * x])
+    assert auto_temperature(two).view(-1).tolist() == pytest.approx(
+        [AUTO_TEMPERATURE_SCALE / (35 / 7), AUTO_TEMPERATURE_SCALE / (4 * 35 / 7)]
+    )
+    single = auto_temperature(torch.randn(3, 1, 1, 4))
+    assert single.shape == (3, 1, 1) and (single == AUTO_TEMPERATURE_SCALE).all()
+
+
+def test_defaults_are_the_references_settings():
+    """Five iterations, temperature 0.01, window 5, 20 centroids per reconstructed token."""
+    torch.manual_seed(0)
+    x = 10 * torch.randn(1, 10, 10, 4)
+    y, record = expedite_cluster(x, (5, 5))
+    y_ref, record_ref = expedite_cluster(x, (5, 5), n_iters=5, temperature=0.01, window_size=5, k=20)
+    assert torch.equal(y, y_ref) and torch.equal(record.labels, record_ref.labels)
+    assert record.k == 20 and record.reconstruct == "l2"
+    assert not torch.equal(y, expedite_cluster(x, (5, 5), n_iters=6)[0])
+
+
+@pytest.mark.parametrize("reconstruct", ["l2", "softmax"])
+def test_a_token_far_from_every_centroid_is_still_reconstructed_from_its_nearest(reconstruct):
+    """At logits of -2500 and -2401 both weights underflow unless each token's own largest
+    logit is subtracted first; a token beside the centroids must not set that shift for it."""
+    record = ExpediteRecord(
+        tokens=torch.tensor([[[50.0], [0.0]]]),  # (B=1, N=2, C=1): far, and on centroid 0
+        centroids=torch.tensor([[[0.0], [1.0]]]),
+        labels=torch.tensor([[1, 0]]),
+        in_hw=(1, 2),
+        out_hw=(1, 2),
+        k=None,
+        temperature=torch.ones(1, 1, 1),
+        reconstruct=reconstruct,
+    )
+    y = torch.tensor([[[[-3.0], [7.0]]]])  # (1, 1, 2, 1)
+    out = expedite_reconstruct(y, record)
+    assert out[0, 0, 0].item() == pytest.approx(7.0)  # exp(-99) of centroid 0's weight is nothing
+    # the token on centroid 0 has logits 0 and -1: weights 1 and e^-1, L2- or sum-normalised
+    norm = math.sqrt(1 + math.exp(-2)) if reconstruct == "l2" else 1 + math.exp(-1)
+    assert out[0, 0, 1].item() == pytest.approx((-3.0 + 7.0 * math.exp(-1)) / norm, rel=1e-5)
