@@ -155,10 +155,28 @@ def test_other_bad_arguments():
     merge, unmerge = bipartite_soft_matching(torch.randn(1, 6, 3), r=2)
     with pytest.raises(ValueError, match="mode='max'"):
         merge(torch.randn(1, 6, 3), mode="max")
-    with pytest.raises(ValueError, match="N=6"):
+    with pytest.raises(ValueError, match="merge_fn expects a .*N=6"):
         merge(torch.randn(1, 5, 3))
-    with pytest.raises(ValueError, match="N=4"):
+    with pytest.raises(ValueError, match=r"merge_fn expects .* got shape \(1, 6, 3, 1\)"):
+        merge(torch.randn(1, 6, 3, 1))
+    with pytest.raises(ValueError, match="unmerge_fn expects a .*N=4"):
         unmerge(torch.randn(1, 6, 3))
+    identity_merge, identity_unmerge = bipartite_soft_matching(torch.randn(1, 6, 3), r=0)
+    with pytest.raises(ValueError, match="merge_fn expects a .*N=6"):
+        identity_merge(torch.randn(1, 5, 3))
+    with pytest.raises(ValueError, match="unmerge_fn expects a .*N=6"):
+        identity_unmerge(torch.randn(1, 4, 3))
+
+
+@pytest.mark.parametrize(
+    ("n", "prefix", "limit"),
+    # one merge per unprotected token of set A (even positions), none when set B (odd) is all
+    # protected: 7 -> A 4; 4 | 2 -> A 2 - 1; 5 | 4 -> B 2 - 2; 4 | 3 -> A 2 - 2; 1 -> B empty
+    [(7, 0, 4), (4, 2, 1), (5, 4, 0), (4, 3, 0), (1, 0, 0), (2, 0, 1)],
+)
+def test_max_r_by_hand(n, prefix, limit):
+    assert max_r(n, prefix) == limit
+    assert max_r(n) == max_r(n, 0)
 
 
 def test_parse_r_constant_and_list():
@@ -166,6 +184,15 @@ def test_parse_r_constant_and_list():
     assert parse_r(4, [3, 2]) == [3, 2, 0, 0]
     assert parse_r(2, [1, 1]) == [1, 1]
     assert parse_r(1, (5, -1.0)) == [5]
+    assert parse_r(3, 0) == [0, 0, 0] and parse_r(3, [0, 2]) == [0, 2, 0], "0 means no merge"
+
+
+def test_parse_r_linear_schedule_by_hand():
+    # (4, -0.5): from int(4 * 1.5) = 6 down to 2 * 4 - 6 = 2 in steps of (2 - 6) / 4 = -1
+    assert parse_r(5, (4, -0.5)) == [6, 5, 4, 3, 2]
+    # (3, 1.0): from 0 up to 6 in steps of 6 / 4 = 1.5, truncated
+    assert parse_r(5, (3, 1.0)) == [0, 1, 3, 4, 6]
+    assert parse_r(4, (3, 0.0)) == [3, 3, 3, 3]
 
 
 @pytest.mark.parametrize("inflection", [-1.0, -0.5])
@@ -192,6 +219,8 @@ def test_parse_r_increasing_schedule():
         (3, [1, -1], "non-negative"),
         (3, -2, "non-negative"),
         (3, (4, 1.5), "inflection=1.5"),
+        (3, (4, -1.5), "inflection=-1.5"),
+        (True, 4, "num_layers=True"),
         (3, (4, -0.5, 1), r"\(r, inflection\)"),
         (3, (4, "up"), "inflection must be a number"),
         (0, 4, "num_layers=0"),
