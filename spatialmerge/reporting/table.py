@@ -405,6 +405,15 @@ def describe_setup(rows: Sequence[Mapping[str, Any]]) -> str:
 PIVOT_MAX_COLUMNS = 16
 
 
+def _schedule_order(text: str) -> list[tuple[int, float, str]]:
+    """Sort key of a schedule such as ``loc=3 ratio=0.125``: numbers in numeric order, words
+    (``loc=auto``) after every number in the same place, so the two never compare directly."""
+    return [
+        (0, float(part), "") if part.replace(".", "", 1).isdigit() else (1, 0.0, part)
+        for part in re.split(r"[= ]", text)
+    ]
+
+
 def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The sweep at a glance: one line per method, one column per schedule, each cell
     ``accuracy / speed-up`` (``speed-up`` alone without an accuracy); schedules that are not one
@@ -421,9 +430,7 @@ def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     ok = [r for r in ok if r["group"] == group]
     methods = list(dict.fromkeys(r["method"] for r in sorted(ok, key=_sort_key)))
     grid = [r for r in ok if r["schedule"].startswith("loc=")]
-    schedules = sorted(dict.fromkeys(r["schedule"] for r in grid), key=lambda text: [
-        float(part) if part.replace(".", "", 1).isdigit() else part for part in re.split(r"[= ]", text)
-    ])
+    schedules = sorted(dict.fromkeys(r["schedule"] for r in grid), key=_schedule_order)
     if len(methods) < 2 or not schedules or len(schedules) > PIVOT_MAX_COLUMNS:
         return ""
     cells: dict[tuple[str, str], str] = {}
