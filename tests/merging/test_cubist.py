@@ -233,7 +233,13 @@ def test_maxnorm_keeps_the_whole_largest_norm_token():
 
 @pytest.mark.parametrize(
     ("r_h", "r_w", "match"),
-    [(0, 4, r"r_w=4 .* side of 7 .* floor\(7/2\)=3"), (5, 0, r"r_h=5 .* side of 9"), (-1, 0, "r_h=-1")],
+    [
+        (0, 4, r"r_w=4 .* side of 7 .* floor\(7/2\)=3 tokens"),
+        (5, 0, r"r_h=5 .* side of 9"),
+        (-1, 0, "r_h=-1"),
+        (True, 0, "r_h=True must be an int"),
+        (0, 1.5, "r_w=1.5 must be an int"),
+    ],
 )
 def test_bad_r_raises_naming_value_limit_and_grid(r_h, r_w, match):
     with pytest.raises(ValueError, match=match):
@@ -252,8 +258,19 @@ def test_bad_rule_and_shape_raise():
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         cubist_merge(torch.randn(4, 4, 2), 1, 1)
     _, record = cubist_merge(torch.randn(1, 4, 4, 2), 1, 1)
-    with pytest.raises(ValueError, match="record expects"):
+    with pytest.raises(ValueError, match=r"record expects \(B=1, 3, 3, C\)"):
         cubist_recover(torch.randn(1, 4, 4, 2), record)
+    _, record = cubist_merge(torch.randn(2, 4, 5, 2), 1, 2)
+    with pytest.raises(ValueError, match=r"record expects \(B=2, 3, 3, C\)"):
+        cubist_recover(torch.randn(3, 3, 3, 2), record)
+    with pytest.raises(ValueError, match="r=1.5 must be an int"):
+        merge_1d(torch.randn(1, 6, 2), 1.5)
+    with pytest.raises(ValueError, match="collisions='first' .* exact, reference"):
+        merge_1d(torch.randn(1, 6, 2), 1, collisions="first")
+    with pytest.raises(ValueError, match="collisions='first' .* exact, reference"):
+        cubist_merge(torch.randn(1, 4, 4, 2), 1, 1, collisions="first")
+    with pytest.raises(ValueError, match="reduce='avg' .* maxmag, mean, maxnorm"):
+        merge_1d(torch.randn(1, 6, 2), 1, reduce="avg")
 
 
 def test_ratio_to_r_rounds_per_axis():
@@ -275,6 +292,19 @@ def test_window_aligned_r_stays_reachable():
     # multiple of 14 there. 10 can reach no multiple of 14, so it is left unmerged.
     assert window_aligned_r((20, 30), 0.45, 14) == (6, 2)
     assert window_aligned_r((10, 10), 0.2, 14) == (0, 0)
+
+
+def test_window_aligned_r_edges_by_hand():
+    # 15 with windows of 7: 14 is reachable (asked 15 - round(0.75) = 14), 7 is not (7 < 15 / 2)
+    assert window_aligned_r((15, 15), 0.05, 7) == (1, 1)
+    # exactly half is reachable: 28 -> 14 (asked 28 - round(13.72) = 14)
+    assert window_aligned_r((28, 28), 0.49, 14) == (14, 14)
+    # asked 29 of 30, equally far from 28 and 30: the tie keeps more tokens
+    assert window_aligned_r((30, 30), 0.04, 14) == (0, 0)
+    # a window of 1 reaches every side: the plain per-axis rounding
+    assert window_aligned_r((10, 12), 0.2, 1) == ratio_to_r((10, 12), 0.2) == (2, 2)
+    with pytest.raises(ValueError, match="window=0 must be >= 1"):
+        window_aligned_r((10, 10), 0.2, 0)
 
 
 def test_record_is_a_plain_value():
