@@ -1,7 +1,9 @@
 """What every backbone family runs, observed on the tensors of a patched forward:
 ``describe_schedule`` (what results.json and the ``ran:`` line say) against the grid each
 scheduled block received and returned, for every method; and the ``keys`` / ``normed`` matching
-metrics against their formula on the merged block's own weights."""
+metrics against their formula on the merged block's own weights; then ``describe_schedule`` on
+the cases the family-wide test does not reach (non-square grids, defaults, none, Expedite's
+settings, window alignment, SAM 2's own image size)."""
 
 from __future__ import annotations
 
@@ -158,3 +160,105 @@ def test_the_matching_metric_is_the_formula_on_the_merged_blocks_input(family, m
     torch.testing.assert_close(used, expected, atol=1e-6, rtol=1e-5)
     if metric == "normed":  # keys have head_dim channels, so they cannot be the tokens
         assert not torch.allclose(used, grid, atol=1e-3), "the norm must change the tokens"
+
+
+# ``describe_schedule`` on inputs the family-wide test above does not cover: non-square grids,
+# the defaults (method, loc, prop_attn), method none, the resolved Expedite settings, window
+# alignment and SAM 2 at its own image size. Expected grids are worked out by hand from the patch
+# size and the request.
+
+
+@pytest.fixture
+def wide():
+    """A DeiT at 96x64 px with 16 px patches: a 6x4 grid (H != W), 4 blocks, one CLS token."""
+    return tiny_deit(img_size=(96, 64))
+
+
+@torch.no_grad()
+def test_a_non_square_grid_schedule_keeps_rows_and_columns_apart(wide):
+    described = spatialmerge.describe_schedule(wide, "cubist", loc=1, r_h=2, r_w=1)
+    # 6x4 grid, 2 rows and 1 column removed: 4x3 = 12 tokens
+    assert described["grid_in"] == [6, 4] and described["tokens_in"] == 24
+    assert described["stages"] == [{"loc": 1, "r_h": 2, "r_w": 1, "grid_in": [6, 4], "grid_out": [4, 3]}]
+    assert described["grid_out"] == [4, 3] and described["tokens_out"] == 12
+    spatialmerge.patch(wide, "cubist", loc=1, r_h=2, r_w=1)
+    out = wide.forward_features(torch.randn(1, 3, 96, 64))
+    spatialmerge.unpatch(wide)
+    assert out.shape[1] - wide.num_prefix_tokens == described["tokens_out"]
+
+
+@torch.no_grad()
+def test_per_layer_tome_on_a_non_square_grid_counts_its_tokens(wide):
+    described = spatialmerge.describe_schedule(wide, "tome", r=3)
+    # 24 patch tokens, 3 merged in each of the 4 blocks: 12 left
+    assert described["grid_in"] == [6, 4] and described["tokens_in"] == 24
+    assert described["r_per_block"] == [3, 3, 3, 3] and described["tokens_out"] == 24 - 4 * 3
+    spatialmerge.patch(wide, "tome", r=3)
+    out = wide.forward_features(torch.randn(1, 3, 96, 64))
+    spatialmerge.unpatch(wide)
+    assert out.shape[1] - wide.num_prefix_tokens == described["tokens_out"]
+
+
+def test_the_defaults_are_those_patch_runs_with():
+    """No method: cubist, as ``patch``; no loc: a quarter of the depth (8 blocks: block 2)."""
+    model = tiny_deit(depth=8)
+    described = spatialmerge.describe_schedule(model, r_h=1, r_w=1)
+    assert described["method"] == "cubist"
+    assert [stage["loc"] for stage in described["stages"]] == [8 // 4]
+    spatialmerge.patch(model, r_h=1, r_w=1)
+    config = spatialmerge.patch_state(model).config
+    spatialmerge.unpatch(model)
+    assert config.method == described["method"]
+    assert [stage.loc for stage in config.stages] == [stage["loc"] for stage in described["stages"]]
+
+
+def test_method_none_describes_no_merge(wide):
+    assert spatialmerge.describe_schedule(wide, "none") == {"method": "none"}
+
+
+@pytest.mark.parametrize(("method", "options", "default"), [
+    ("cubist", {"loc": 1, "r_h": 1, "r_w": 1}, False),  # off for grid merges unless asked
+    ("tome", {"r": 2}, True),  # faithful per-layer ToMe runs with its proportional attention
+])
+def test_the_recorded_prop_attn_is_what_the_patch_runs_with(wide, method, options, default):
+    for asked, expected in ((None, default), (not default, not default)):
+        extra = {} if asked is None else {"prop_attn": asked}
+        described = spatialmerge.describe_schedule(wide, method, **options, **extra)
+        assert described["method"] == method
+        assert described["prop_attn"] is expected, (method, asked)
+        spatialmerge.patch(wide, method, **options, **extra)
+        assert spatialmerge.patch_state(wide).config.prop_attn is expected
+        spatialmerge.unpatch(wide)
+
+
+def test_expedite_records_its_resolved_settings_and_other_methods_none(wide):
+    described = spatialmerge.describe_schedule(wide, "expedite", loc=1, ratio=0.25, k=1)
+    settings = described["expedite"]
+    # the request's k, and the family's defaults for every setting left unset (none left None)
+    assert settings["k"] == 1 and None not in settings.values()
+    spatialmerge.patch(wide, "expedite", loc=1, ratio=0.25, k=1)
+    assert settings == spatialmerge.patch_state(wide).config.expedite
+    spatialmerge.unpatch(wide)
+    assert "expedite" not in spatialmerge.describe_schedule(wide, "cubist", loc=1, ratio=0.25)
+
+
+def test_a_window_aligned_ratio_resolves_to_whole_windows(sam2):
+    # stage 3 of the tiny Hiera: a 64x64 grid in windows of 14. ratio 0.1 alone would remove
+    # round(6.4) = 6 (58 left); aligned, the side goes to the nearest multiple of 14, 56: r = 8
+    described = spatialmerge.describe_schedule(sam2, "cubist", loc=STAGE3, ratio=0.1, align="window")
+    assert described["stages"] == [{"loc": STAGE3, "r_h": 8, "r_w": 8, "grid_in": [64, 64], "grid_out": [56, 56]}]
+    plain = spatialmerge.describe_schedule(sam2, "cubist", loc=STAGE3, ratio=0.1)
+    assert plain["stages"][0]["grid_out"] == [58, 58]
+
+
+def test_sam2_grids_follow_the_models_own_image_size(sam2, monkeypatch):
+    """At 512 px: 4 px patches give 128x128 in stage 1, halved by the q-pools before blocks 1 and
+    2: 32x32 in stage 3 (at SAM 2's usual 1024 px it would be 64x64)."""
+    monkeypatch.setattr(sam2, "image_size", 512)
+    single = spatialmerge.describe_schedule(sam2, "cubist", loc=STAGE3, r_h=4, r_w=4)
+    assert single["grid_in"] == [32, 32] and single["grid_out"] == [28, 28]
+    # a stage-1 merge, recovered at its stage's end, then a stage-3 one on that stage's own grid
+    staged = spatialmerge.describe_schedule(sam2, "cubist", stages=[[0, 16, 16], [STAGE3, 4, 4]])
+    assert [(stage["grid_in"], stage["grid_out"]) for stage in staged["stages"]] == [
+        ([128, 128], [112, 112]), ([32, 32], [28, 28])]
+    assert staged["tokens_in"] == 128 * 128 and staged["tokens_out"] == 28 * 28

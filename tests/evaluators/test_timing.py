@@ -181,3 +181,32 @@ def test_the_machine_load_is_the_one_minute_average(monkeypatch):
 
     monkeypatch.setattr(os, "getloadavg", unavailable)
     assert machine_load()["load_1m"] is None
+
+
+def test_no_rounds_are_refused_with_the_fix():
+    from spatialmerge.evaluators.timing import quartiles
+
+    with pytest.raises(ValueError, match="no timed rounds to summarise: set iters >= 1"):
+        quartiles([])
+
+
+def test_medians_exactly_at_the_ends_of_the_tolerance_are_not_noise():
+    """The medians' ratio may sit anywhere in [q1 - slack, q3 + slack], ends included (slack =
+    half the gain). Times in units of 2**-10 s, so every ratio below is exact in binary."""
+    unit = 2.0**-10
+    # ratios 2, 1, 2: quartiles 1.5, 2, 2; gain 1, slack 0.5; medians 2 / 2 = 1.0 = 1.5 - 0.5
+    low = summarise_rounds([2 * unit, 2 * unit, 4 * unit], [1 * unit, 2 * unit, 2 * unit], batch_size=1)
+    assert (low["speedup_q1"], low["speedup"], low["speedup_q3"]) == (1.5, 2.0, 2.0)
+    # ratios 1, 2, 1.5: quartiles 1.25, 1.5, 1.75; gain 0.5, slack 0.25; medians 2 / 1 = 2.0 = 1.75 + 0.25
+    high = summarise_rounds([1 * unit, 2 * unit, 3 * unit], [1 * unit, 1 * unit, 2 * unit], batch_size=1)
+    assert (high["speedup_q1"], high["speedup"], high["speedup_q3"]) == (1.25, 1.5, 1.75)
+    for row in (low, high):
+        assert not any("median times" in reason for reason in row["noise"]), row["noise"]
+
+
+def test_rounds_with_a_zero_median_are_not_divided_by():
+    # a clock too coarse to see the unmerged forward reads 0 s: its spread over its median is
+    # undefined, so that check is skipped instead of dividing by zero
+    row = summarise_rounds([0.0, 0.0, 0.0], [0.001, 0.001, 0.001], batch_size=1)
+    assert row["speedup"] == 0.0
+    assert not any("unmerged rounds vary" in reason for reason in row["noise"])
