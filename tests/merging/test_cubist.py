@@ -260,8 +260,8 @@ def test_bad_rule_and_shape_raise():
     _, record = cubist_merge(torch.randn(1, 4, 4, 2), 1, 1)
     with pytest.raises(ValueError, match=r"record expects \(B=1, 3, 3, C\)"):
         cubist_recover(torch.randn(1, 4, 4, 2), record)
-    _, record = cubist_merge(torch.randn(2, 4, 5, 2), 1, 2)
-    with pytest.raises(ValueError, match=r"record expects \(B=2, 3, 3, C\)"):
+    _, record = cubist_merge(torch.randn(2, 4, 5, 2), 1, 1)
+    with pytest.raises(ValueError, match=r"record expects \(B=2, 3, 4, C\); pass the record of the merge"):
         cubist_recover(torch.randn(3, 3, 3, 2), record)
     with pytest.raises(ValueError, match="r=1.5 must be an int"):
         merge_1d(torch.randn(1, 6, 2), 1.5)

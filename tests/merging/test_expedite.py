@@ -365,3 +365,12 @@ def test_a_token_far_from_every_centroid_is_still_reconstructed_from_its_nearest
     # the token on centroid 0 has logits 0 and -1: weights 1 and e^-1, L2- or sum-normalised
     norm = math.sqrt(1 + math.exp(-2)) if reconstruct == "l2" else 1 + math.exp(-1)
     assert out[0, 0, 1].item() == pytest.approx((-3.0 + 7.0 * math.exp(-1)) / norm, rel=1e-5)
+
+
+def test_auto_temperature_equals_the_neighbour_loop_on_a_random_grid():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5)
+    for i in range(2):
+        steps = [float((x[i, a, b + 1] - x[i, a, b]).square().sum()) for a in range(3) for b in range(3)]
+        steps += [float((x[i, a + 1, b] - x[i, a, b]).square().sum()) for a in range(2) for b in range(4)]
+        assert auto_temperature(x)[i].item() == pytest.approx(AUTO_TEMPERATURE_SCALE / (sum(steps) / len(steps)), rel=1e-5)

@@ -89,8 +89,17 @@ def test_per_window_reduction_reduces_each_window_on_its_own():
 
 
 def test_per_window_reduction_refuses_a_side_outside_the_window():
-    with pytest.raises(ValueError, match=r"out_window=5 must be an int in \[1, 4\]"):
-        reduce_windows("pool", torch.randn(1, 8, 8, 2), 4, 5)
+    for bad in (5, 0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"out_window={bad!r} must be an int in \[1, 4\]: each 4x4"):
+            reduce_windows("pool", torch.randn(1, 8, 8, 2), 4, bad)
+
+
+@pytest.mark.parametrize("out_window", [1, 4])  # one token per window; windows kept whole
+def test_per_window_reduction_accepts_both_ends_and_records_what_ran(out_window):
+    y, record = reduce_windows("pool", torch.randn(1, 6, 8, 2), 4, out_window)
+    side = 2 * out_window  # 6x8 pads to 8x8: 2x2 windows
+    assert y.shape == (1, side, side, 2)
+    assert (record.method, record.in_hw, record.out_hw, record.block_window) == ("pool", (6, 8), (side, side), out_window)
 
 
 @pytest.mark.parametrize("out_hw", [(26, 26), (24, 25)])
@@ -171,11 +180,13 @@ def test_cubist_through_reduce_grid_matches_on_the_metric_it_is_given():
     assert not torch.equal(record.assignment, unguided.assignment), "the metric must decide"
 
 
-@pytest.mark.parametrize("out_hw", [(6, 6), (3, 3)])  # one bipartite step; several steps
-def test_single_layer_tome_matches_on_the_metric_and_averages_the_tokens(out_hw):
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("out_hw", [(6, 6), (3, 3), (2, 1)])  # one bipartite step; several steps
+def test_single_layer_tome_matches_on_the_metric_and_averages_the_tokens(out_hw, seed):
     """ToMe's matching sees only the features it matches on and the sizes, so merging x with
-    metric m groups cells exactly as merging m itself; the output is each group's mean of x."""
-    torch.manual_seed(0)
+    metric m groups cells exactly as merging m itself (its later steps on size-weighted means of
+    m); the output is each group's mean of x."""
+    torch.manual_seed(seed)
     x, metric = torch.randn(2, 8, 8, 4), torch.randn(2, 8, 8, 3)
     y, record = reduce_grid("tome", x, out_hw, metric=metric)
     _, on_metric = reduce_grid("tome", metric, out_hw)

@@ -216,8 +216,8 @@ def test_parse_r_increasing_schedule():
     ("num_layers", "r", "match"),
     [
         (3, [1, 2, 3, 4], "4 layers.*has 3"),
-        (3, [1, -1], "non-negative"),
-        (3, -2, "non-negative"),
+        (3, [1, -1], "every entry of the r list must be a non-negative int .* got -1"),
+        (3, -2, "r must be a non-negative int .* got -2"),
         (3, (4, 1.5), "inflection=1.5"),
         (3, (4, -1.5), "inflection=-1.5"),
         (True, 4, "num_layers=True"),
