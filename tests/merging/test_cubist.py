@@ -333,3 +333,13 @@ def test_removing_nothing_maps_every_position_to_itself():
     y, metric, size, index = merge_1d(x, 0)
     assert y is x and metric is None and size is None
     assert torch.equal(index, torch.arange(5).expand(3, 2, 5))
+
+
+def test_float64_tokens_are_matched_in_float64():
+    """Token 1's cosine with token 0 is 1 - 5e-11, token 3's with token 2 exactly 1: float64
+    tells them apart and removes token 3; in float32 both round to 1 and the tie rule would
+    remove token 1."""
+    metric = torch.tensor([[1.0, 0.0], [1.0, 1e-5], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)[None]
+    x = torch.arange(4, dtype=torch.float64)[None, :, None]
+    assert merge_1d(x, 1, metric=metric)[3].tolist() == [[0, 1, 2, 2]]
+    assert merge_1d(x.float(), 1, metric=metric.float())[3].tolist() == [[0, 0, 1, 2]]

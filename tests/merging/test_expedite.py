@@ -165,6 +165,7 @@ def test_gradients_reach_the_input_through_both_steps():
         ({"window_size": True}, "window_size=True must be a positive odd int"),
         ({"k": True}, "k=True must be an int"),
         ({"temperature": math.inf}, "temperature=inf must be a finite number"),
+        ({"window_size": 3.0}, "window_size=3.0 must be a positive odd int"),
     ],
 )
 def test_bad_arguments_name_value_limit_and_fix(kwargs, match):
@@ -374,3 +375,8 @@ def test_auto_temperature_equals_the_neighbour_loop_on_a_random_grid():
         steps = [float((x[i, a, b + 1] - x[i, a, b]).square().sum()) for a in range(3) for b in range(3)]
         steps += [float((x[i, a + 1, b] - x[i, a, b]).square().sum()) for a in range(2) for b in range(4)]
         assert auto_temperature(x)[i].item() == pytest.approx(AUTO_TEMPERATURE_SCALE / (sum(steps) / len(steps)), rel=1e-5)
+
+
+def test_a_grid_without_its_batch_dimension_is_refused():
+    with pytest.raises(ValueError, match=r"x must be a \(B, H, W, C\) token grid, got shape \(5, 6, 2\)"):
+        expedite_cluster(torch.randn(5, 6, 2), (2, 3))
