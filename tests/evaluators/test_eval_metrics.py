@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spatialmerge.distributed import all_reduce_sum
 from spatialmerge.evaluators import Accuracy, MeanIoU, mask_iou, topk_correct
 from spatialmerge.evaluators.metrics import beside_baseline, kmeans, segment_agreement
 
@@ -213,8 +214,6 @@ def test_accuracy_counts_stay_exact_integers_beyond_float32() -> None:
 def test_accuracy_merges_a_float64_reduction_of_its_counts() -> None:
     # all_reduce_sum of a sequence of numbers returns float64 (exact for counts below 2**53):
     # merge must take such a reduction of counts, not only an int64 state
-    from spatialmerge.distributed import all_reduce_sum
-
     logits, target = _hand_logits()
     meter = Accuracy(ks=(1, 5))
     meter.update(logits, target)

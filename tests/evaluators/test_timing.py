@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from spatialmerge.evaluators.throughput import ThroughputEvaluator, Variant
-from spatialmerge.evaluators.timing import machine_load, speedup_text, summarise_rounds
+from spatialmerge.evaluators.timing import (
+    LOAD_MARGIN,
+    host_load,
+    machine_load,
+    overloaded,
+    quartiles,
+    speedup_text,
+    summarise_rounds,
+)
 
 
 def test_speedup_is_the_median_of_per_round_ratios_with_known_quartiles():
@@ -154,7 +162,6 @@ def test_half_the_gain_is_the_limit_of_the_speed_ups_spread():
 
 
 def test_the_load_rule_is_strictly_above_the_margin_and_reads_the_busiest_reading():
-    from spatialmerge.evaluators.timing import LOAD_MARGIN, host_load, overloaded
 
     assert overloaded({"load_1m": 2 + LOAD_MARGIN, "cpus": 2}) is False  # at the margin: idle
     assert overloaded({"load_1m": 2 + LOAD_MARGIN + 0.01, "cpus": 2}) is True
@@ -184,8 +191,6 @@ def test_the_machine_load_is_the_one_minute_average(monkeypatch):
 
 
 def test_no_rounds_are_refused_with_the_fix():
-    from spatialmerge.evaluators.timing import quartiles
-
     with pytest.raises(ValueError, match="no timed rounds to summarise: set iters >= 1"):
         quartiles([])
 

@@ -52,17 +52,16 @@ def paper_merge_sequence(x, r, metric=None, size=None, reduce="maxmag", collisio
     def combine(t):
         out = []
         for k in kept:
-            value = t[k].clone()
+            merged = sources.get(k, [])
             if reduce == "mean":
-                total, weight = t[k] * size[k], size[k].clone()
-                for j in sources.get(k, []):
-                    total, weight = total + t[j] * size[j], weight + size[j]
-                value = total / weight
-            for j in sources.get(k, []) if reduce != "mean" else []:
-                if reduce == "maxmag":
-                    value = torch.where(t[j].abs() > value.abs(), t[j], value)
-                elif float(t[j].double().norm()) > float(value.double().norm()):
-                    value = t[j].clone()
+                value = sum(t[j] * size[j] for j in [k] + merged) / sum(size[j] for j in [k] + merged)
+            else:
+                value = t[k]
+                for j in merged:  # left to right, ties keep the value held
+                    if reduce == "maxmag":
+                        value = torch.where(t[j].abs() > value.abs(), t[j], value)
+                    elif float(t[j].double().norm()) > float(value.double().norm()):
+                        value = t[j]
             out.append(value)
         return torch.stack(out)
 

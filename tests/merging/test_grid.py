@@ -6,7 +6,7 @@ import torch
 from segment_anything.modeling.image_encoder import window_partition as sam_window_partition
 from segment_anything.modeling.image_encoder import window_unpartition as sam_window_unpartition
 
-from spatialmerge.merging import reduce_grid
+from spatialmerge.merging import cubist_merge, reduce_grid
 from spatialmerge.merging.grid import reduce_windows, window_partition, window_unpartition
 
 
@@ -170,8 +170,6 @@ def test_an_option_a_method_does_not_take_says_it_takes_none():
 
 
 def test_cubist_through_reduce_grid_matches_on_the_metric_it_is_given():
-    from spatialmerge.merging import cubist_merge
-
     x, metric = torch.randn(2, 8, 9, 4), torch.randn(2, 8, 9, 3)
     y, record = reduce_grid("cubist", x, (5, 6), metric=metric)
     expected, expected_record = cubist_merge(x, 3, 3, metric=metric)
