@@ -6,18 +6,17 @@ Importing this package registers every supported family with ``patch``.
 # each registers its families; hiera (SAM 2) and hf (transformers) without importing their
 # packages: a model of theirs can only exist once its package was imported
 from spatialmerge.adapters import eva, hf, hiera, sam, vit  # noqa: F401
-from spatialmerge.adapters.base import (
-    Adapter,
-    GridRun,
-    PatchState,
+from spatialmerge.adapters.adapter import Adapter
+from spatialmerge.adapters.config import MergeConfig, Stage
+from spatialmerge.adapters.registry import (
+    describe_schedule,
     find_adapter,
     patch,
     patch_state,
     supported_types,
     unpatch,
 )
-from spatialmerge.adapters.config import MergeConfig, Stage
-from spatialmerge.adapters.schedule import describe_schedule
+from spatialmerge.adapters.runtime import GridRun, PatchState
 
 __all__ = [
     "Adapter",

@@ -30,7 +30,9 @@ from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaBlockPostNorm
 from torch import Tensor, nn
 
-from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, keys_from_qkv, register_adapter
+from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
+from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
+from spatialmerge.adapters.runtime import GridRun
 from spatialmerge.adapters.config import MergeConfig
 
 

@@ -42,7 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from spatialmerge.adapters.attention import key_bias
-from spatialmerge.adapters.base import STATE_ATTR, Adapter, GridRun, keys_from_qkv, register_adapter
+from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
+from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
+from spatialmerge.adapters.runtime import GridRun
 from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.adapters.eva import centroid_coords
 from spatialmerge.adapters.sam import SamFamily, window_size

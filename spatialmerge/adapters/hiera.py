@@ -28,7 +28,8 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from spatialmerge.adapters.attention import key_bias
-from spatialmerge.adapters.base import STATE_ATTR, Adapter, keys_from_qkv, register_adapter
+from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
+from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 from spatialmerge.adapters.config import MergeConfig
 
 # SAM 2's encoder input side (``SAM2Base.image_size`` in every official config); a bare trunk

@@ -23,13 +23,12 @@ from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
 from spatialmerge.adapters.attention import key_bias
-from spatialmerge.adapters.base import (
-    STATE_ATTR,
+from spatialmerge.adapters.adapter import (
     Adapter,
     keys_from_qkv,
-    register_adapter,
     unmerged_entry_point,
 )
+from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 
 
 def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> Tensor:

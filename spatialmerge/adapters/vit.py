@@ -30,14 +30,13 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from spatialmerge.adapters.base import (
-    STATE_ATTR,
+from spatialmerge.adapters.adapter import (
     Adapter,
     keys_from_qkv,
     keys_from_qkv_output,
-    register_adapter,
     unmerged_entry_point,
 )
+from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 from spatialmerge.adapters.config import MergeConfig
 from spatialmerge.merging.tome import bipartite_soft_matching, max_r, merge_wavg, parse_r
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import spatialmerge
-from spatialmerge.adapters.base import merge_clock
+from spatialmerge.adapters.runtime import merge_clock
 from spatialmerge.evaluators.throughput import ThroughputEvaluator, input_size, timed_module
 from spatialmerge.models import build_model
 

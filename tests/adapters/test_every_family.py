@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spatialmerge
-from spatialmerge.adapters.base import GridRun
+from spatialmerge.adapters.runtime import GridRun
 from spatialmerge.merging import GRID_METHODS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -138,7 +138,7 @@ def keys_by_hand(family: str, block: torch.nn.Module, normed: torch.Tensor) -> t
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @torch.no_grad()
 def test_the_matching_metric_is_the_formula_on_the_merged_blocks_input(family, metric, sam2, monkeypatch):
-    import spatialmerge.adapters.base as base
+    import spatialmerge.adapters.runtime as base
 
     model, x, forward = _families(sam2)[family]
     loc = STAGE3 if family == "hiera" else 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_helpers import COLOURS, tiny_train_config
 
-from spatialmerge.adapters import base
+from spatialmerge.adapters import runtime as base
 from spatialmerge.loggers import RunLogger
 from spatialmerge.training import run_training
 

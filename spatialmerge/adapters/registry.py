@@ -1,0 +1,176 @@
+"""The patch mechanism shared by every backbone: the registry of families and the patch API.
+
+A patched module keeps its class's behaviour and parameters; only the method that runs its block
+loop is swapped, by giving the instance a subclass that overrides it (ToMe's approach). The
+blocks themselves are never touched, so timm / segment-anything features (LayerScale, QK-norm,
+fused attention, window padding, rel-pos interpolation, RoPE) keep working as their authors wrote
+them. ``unpatch`` puts the original class back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from spatialmerge.adapters.adapter import Adapter
+from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.adapters.runtime import PatchState
+from spatialmerge.adapters.schedule import window_budget
+from spatialmerge.merging.tome import parse_r
+
+STATE_ATTR = "_spatialmerge"
+
+
+def default_loc(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the backbone's default ``loc`` (a quarter of the depth; Hiera: the
+    start of its third stage) where a single grid merge leaves it out (or None): the same
+    default as the configs' ``loc: null``."""
+    single = any(options.get(k) is not None for k in ("ratio", "r_h", "r_w"))
+    if options.get("loc") is None and single and not options.get("stages") and options.get("r") is None:
+        adapter = find_adapter(model)
+        return {**options, "loc": adapter.default_loc(adapter.target(model))}
+    return options
+
+
+_ADAPTERS: list[Adapter] = []
+_CLASS_CACHE: dict[tuple[type, str], type] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add a backbone family; more specific adapters must be registered first."""
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def supported_types() -> list[str]:
+    return [name for a in _ADAPTERS for name in a.type_names or
+            tuple(f"{t.__module__}.{t.__qualname__}" for t in a.model_types)]
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"{type(model).__module__}.{type(model).__qualname__} is not supported by spatialmerge; "
+        f"supported model types: {', '.join(supported_types())}"
+    )
+
+
+def _patched_class(cls: type, adapter: Adapter) -> type:
+    key = (cls, adapter.name)
+    if key not in _CLASS_CACHE:
+        methods = {**adapter.overrides(), "__reduce_ex__": _reduce_patched}
+        _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), methods)
+    return _CLASS_CACHE[key]
+
+
+def _reduce_patched(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    """Pickle a patched module as its original class plus its patch, so ``torch.save(model)``,
+    ``pickle`` and ``copy.deepcopy`` work although the generated class has no importable name;
+    loading re-applies the patch."""
+    state = getattr(self, STATE_ATTR)
+    attributes = {k: v for k, v in self.__dict__.items() if k != STATE_ATTR}
+    return _restore_patched, (state.original_class, attributes, state)
+
+
+def _restore_patched(original_class: type, attributes: dict[str, Any], state: PatchState) -> nn.Module:
+    module = original_class.__new__(original_class)
+    module.__dict__.update(attributes)
+    module.__class__ = _patched_class(original_class, state.adapter)
+    setattr(module, STATE_ATTR, state)
+    return module
+
+
+def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:
+    """Make ``model`` merge tokens; returns the same module, patched in place.
+
+    Example::
+
+        spatialmerge.patch(sam, "cubist", loc=3, r_h=8, r_w=8)
+        spatialmerge.patch(deit, "tome", r=8)              # faithful per-layer ToMe
+        spatialmerge.patch(sam, "expedite", loc=3, ratio=0.125)
+
+    Patching a patched model replaces the patch; ``method="none"`` is ``unpatch``. Without
+    ``loc``, a single merge goes before block ``depth // 4`` (as the configs' ``loc: null``).
+    See ``MergeConfig.create`` for every option.
+    """
+    unpatch(model)
+    adapter = find_adapter(model)
+    config = MergeConfig.create(method, **default_loc(model, options))
+    if config.method == "none":
+        return model
+    config = config.with_defaults(adapter.expedite_defaults)
+    target = adapter.target(model)
+    adapter.check(target, config)
+    state = PatchState(config, adapter, type(target))
+    target.__class__ = _patched_class(type(target), adapter)
+    setattr(target, STATE_ATTR, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: the original class comes back; parameters were never changed."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            target = adapter.target(model)
+            state = getattr(target, STATE_ATTR, None)
+            if state is not None:
+                target.__class__ = state.original_class
+                delattr(target, STATE_ATTR)
+            break
+    return model
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The patch on ``model`` (or on the module that runs its blocks), if any."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return getattr(adapter.target(model), STATE_ATTR, None)
+    return None
+
+
+def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) -> dict[str, Any]:
+    """What ``patch(model, method, **options)`` runs at the model's own input size, resolved.
+
+    For grid schedules: each stage's block, the rows and columns removed and the grid before
+    and after (a ratio and ``align`` turned into numbers, a per-window budget into its whole
+    windows), and the tokens kept; for per-layer ToMe: the tokens merged in each block. This is
+    what results.json records, rather than only the request (``loc: null``, ``ratio``).
+    """
+    adapter = find_adapter(model)
+    target = adapter.target(model)
+    config = MergeConfig.create(method, **default_loc(model, options)).with_defaults(adapter.expedite_defaults)
+    if config.method == "none":
+        return {"method": "none"}
+    adapter.check(target, config)
+    first = config.stages[0].loc if config.stages else 0
+    hw = adapter.grid_at(model, target, first)
+    described: dict[str, Any] = {"method": config.method, "grid_in": list(hw), "tokens_in": hw[0] * hw[1]}
+    if config.per_layer:
+        schedule = parse_r(adapter.depth(target), config.r)
+        # prefix tokens are never merged, so every merge takes one patch token away
+        described.update(
+            r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule), prop_attn=config.prop_attn
+        )
+        return described
+    stages = []
+    region = adapter.region(target, first)
+    for stage in config.stages:
+        if adapter.region(target, stage.loc) != region:  # the earlier merges were recovered
+            region, hw = adapter.region(target, stage.loc), adapter.grid_at(model, target, stage.loc)
+        window = adapter.window_at(target, stage.loc)
+        r_h, r_w = stage.removal(hw, window, config.align)
+        if config.windowed:
+            side = window_budget(hw, (r_h, r_w), window)
+            out = tuple(-(-size // window) * side for size in hw)
+        else:
+            out = (hw[0] - r_h, hw[1] - r_w)
+        stages.append({"loc": stage.loc, "r_h": hw[0] - out[0], "r_w": hw[1] - out[1],
+                       "grid_in": list(hw), "grid_out": list(out)})
+        hw = out
+    described.update(stages=stages, grid_out=list(hw), tokens_out=hw[0] * hw[1], prop_attn=config.prop_attn)
+    if config.method == "expedite":
+        described["expedite"] = dict(config.expedite)
+    return described
