@@ -15,7 +15,6 @@ from spatialmerge.merging.grid import GRID_METHODS, GridRecord, reduce_grid
 from spatialmerge.merging.tome import (
     bipartite_soft_matching,
     max_r,
-    merge_source,
     merge_wavg,
     parse_r,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "expedite_cluster",
     "expedite_reconstruct",
     "max_r",
-    "merge_source",
     "merge_wavg",
     "parse_r",
     "reduce_grid",

@@ -27,7 +27,7 @@ COLLISION_RULES: tuple[str, ...] = ("exact", "reference")
 
 @dataclass(frozen=True)
 class CubistRecord:
-    """What undoing one or more merges needs.
+    """What undoing one merge needs.
 
     Attributes:
         index: (B, H * W) int64. For every cell of the original grid, the flat index
@@ -40,25 +40,9 @@ class CubistRecord:
     in_hw: tuple[int, int]
     out_hw: tuple[int, int]
 
-    def then(self, later: "CubistRecord") -> "CubistRecord":
-        """Compose with a merge applied afterwards on this record's reduced grid."""
-        if later.in_hw != self.out_hw:
-            raise ValueError(
-                f"cannot compose merges: the later merge starts from a {later.in_hw} grid but "
-                f"this one produced {self.out_hw}; compose records in the order they were applied"
-            )
-        return CubistRecord(later.index.gather(1, self.index), self.in_hw, later.out_hw)
 
-    def cell_sizes(self) -> Tensor:
-        """(B, H', W') float: how many original cells each reduced token holds."""
-        b = self.index.shape[0]
-        h, w = self.out_hw
-        ones = torch.ones_like(self.index, dtype=torch.float32)
-        sizes = torch.zeros(b, h * w, device=self.index.device).scatter_add_(1, self.index, ones)
-        return sizes.view(b, h, w)
-
-
-def _check_rule(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    """Reject an option value outside ``valid``, naming the value and the choices."""
     if value not in valid:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(valid)}")
 
@@ -284,8 +268,8 @@ def merge_1d(
     """
     n = x.shape[-2]
     _check_r(r, n, "r")
-    _check_rule("reduce", reduce, REDUCE_RULES)
-    _check_rule("collisions", collisions, COLLISION_RULES)
+    check_choice("reduce", reduce, REDUCE_RULES)
+    check_choice("collisions", collisions, COLLISION_RULES)
     lead = x.shape[:-2]
     if r == 0:
         return x, metric, size, torch.arange(n, device=x.device).expand(*lead, n)
@@ -340,8 +324,8 @@ def cubist_merge(
     b, h, w, _ = x.shape
     _check_r(r_w, w, "r_w")
     _check_r(r_h, h, "r_h")
-    _check_rule("reduce", reduce, REDUCE_RULES)
-    _check_rule("collisions", collisions, COLLISION_RULES)
+    check_choice("reduce", reduce, REDUCE_RULES)
+    check_choice("collisions", collisions, COLLISION_RULES)
     if r_h == 0 and r_w == 0:
         index = torch.arange(h * w, device=x.device).expand(b, h * w)
         return x, CubistRecord(index, (h, w), (h, w))
@@ -365,7 +349,7 @@ def cubist_recover(y: Tensor, record: CubistRecord) -> Tensor:
 
     Args:
         y: (B, H', W', C) tokens on the reduced grid, e.g. after more transformer blocks.
-        record: the record ``cubist_merge`` returned (or several composed with ``then``).
+        record: the record ``cubist_merge`` returned.
 
     Returns:
         (B, H, W, C) on the original grid.

@@ -182,19 +182,6 @@ def merge_wavg(
     return x / size, size
 
 
-def merge_source(merge_fn: MergeFn, x: Tensor, source: Tensor | None = None) -> Tensor:
-    """Track which original tokens each merged token holds: (B, N, N0) -> (B, N', N0) 0/1 map.
-
-    `source` None starts from the identity over the N tokens of `x` (B, N, C). Each original
-    token belongs to exactly one token, so summing rows keeps entries 0/1.
-    """
-    if source is None:
-        batch, num_tokens, _ = x.shape
-        source = torch.eye(num_tokens, device=x.device, dtype=x.dtype)
-        source = source.expand(batch, num_tokens, num_tokens)  # (B, N, N)
-    return merge_fn(source, mode="sum")
-
-
 def parse_r(num_layers: int, r: int | tuple[int, float] | list[int]) -> list[int]:
     """Per-layer merge counts from a ToMe schedule.
 

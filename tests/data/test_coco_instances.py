@@ -11,7 +11,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from spatialmerge.data import CocoInstances, DatasetLayoutError, collate_list, mask_interior_point
-from spatialmerge.data.synthetic import write_synthetic_coco
+from tests.synthetic import write_synthetic_coco
 
 
 @pytest.fixture(scope="module")

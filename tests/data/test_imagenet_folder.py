@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 from spatialmerge.data import DatasetLayoutError, eval_transform, imagenet_dataset
-from spatialmerge.data.synthetic import write_synthetic_imagefolder
+from tests.synthetic import write_synthetic_imagefolder
 
 
 def test_reads_one_class_per_folder(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from spatialmerge.data import CocoInstances, imagenet_dataset
-from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
+from tests.synthetic import write_synthetic_coco, write_synthetic_imagefolder
 from spatialmerge.models import build_model
 
 TINY_SIZE = 32  # input side of the tiny DeiT

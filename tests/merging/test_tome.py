@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from spatialmerge.merging.tome import (
     bipartite_soft_matching,
     max_r,
-    merge_source,
     merge_wavg,
     parse_r,
 )
+from tests.merging.helpers import merge_source
 
 
 def _hand_metric() -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spatialmerge.data.synthetic import write_synthetic_coco, write_synthetic_imagefolder
+from tests.synthetic import write_synthetic_coco, write_synthetic_imagefolder
 from spatialmerge.models import build_model
 
 pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier

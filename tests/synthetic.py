@@ -1,4 +1,4 @@
-"""Tiny datasets written in the real on-disk layouts, for tests and smoke runs without the data.
+"""Tiny datasets written in the real on-disk layouts, for tests without the data.
 
 The content is fixed and small enough to check by hand; the docstrings list it.
 """
