@@ -1,4 +1,6 @@
-"""What a backbone family knows: how its blocks, grid, windows and attention keys look.
+"""What a backbone family knows: how its blocks, grid, windows and attention keys look, and
+what the evaluators and pictures need of a whole model (what it outputs, its dense features,
+input size and transform, the module to time, its prompt predictor).
 
 Each family (``vit``, ``eva``, ``sam``, ``hiera``, ``hf``) subclasses ``Adapter`` and registers
 an instance with :func:`spatialmerge.adapters.registry.register_adapter`.
@@ -6,12 +8,23 @@ an instance with :func:`spatialmerge.adapters.registry.register_adapter`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
+import torch
+from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
 from spatialmerge.adapters.config import MergeConfig
-from spatialmerge.merging.tome import parse_r
+from spatialmerge.merging.grid import GRID_METHODS
+
+
+# What a model outputs, which decides what label-free fidelity compares: masks for prompts,
+# logits or dense patch features.
+OutputKind = Literal["sam", "classifier", "features"]
+
+# timm's defaults, which models without a pretrained config (SAM 2, transformers) also use
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Adapter:
@@ -30,7 +43,7 @@ class Adapter:
     model_types: tuple[type, ...] = ()
     # for messages, where the classes are not imported until a model of them exists (SAM 2)
     type_names: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ("cubist", "tome", "expedite", "oracle", "pool")
+    methods: tuple[str, ...] = GRID_METHODS
     # The CubistMerge authors' DINOv3 port: the whole grid clustered at once.
     expedite_defaults: dict[str, Any] = {
         "n_iters": 5, "temperature": 0.01, "window_size": 5, "k": 20, "reconstruct": "l2",
@@ -133,8 +146,93 @@ class Adapter:
                 f"windowed=true clusters each attention window separately, but this {self.name} "
                 "model has no window attention; use windowed=false (or leave it unset)"
             )
-        if config.per_layer:
-            parse_r(depth, config.r)
+
+    # What the evaluators and pictures ask of a whole model (``model``, not ``target(model)``).
+    # The defaults are a timm backbone's.
+
+    # where ``kind`` is None: what to pass instead, appended to the evaluator's refusal
+    whole_model_hint: str = ""
+
+    def kind(self, model: nn.Module) -> OutputKind | None:
+        """What ``model`` outputs: ``"sam"`` (masks for prompts), ``"classifier"`` (logits) or
+        ``"features"`` (dense patch features); None for a part of a model (a bare encoder or
+        trunk) whose output no evaluator compares."""
+        return "features"
+
+    def dense_features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The dense output merging is recovered for, as a grid, and the pooled output if any.
+
+        images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C') or None). Default: timm's
+        ``forward_features`` with the prefix tokens (CLS, registers) left out of the grid, and
+        ``forward_head(pre_logits=True)`` as the pooled output.
+        """
+        tokens = model.forward_features(images)  # (B, P + H * W, C)
+        h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+        patches = tokens[:, model.num_prefix_tokens :]
+        if patches.shape[1] != h * w:
+            raise RuntimeError(
+                f"{type(model).__name__} returned {patches.shape[1]} patch tokens for a {h}x{w} "
+                "grid: the merge was not recovered, so merged and unmerged tokens do not line up"
+            )
+        grid = patches.unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (B, C, H, W)
+        pooled = model.forward_head(tokens, pre_logits=True)
+        return grid, pooled if pooled.dim() == 2 else None
+
+    def pools_cls_token(self, model: nn.Module) -> bool:
+        """Whether the pooled output of ``dense_features`` is the CLS token (rather than, e.g.,
+        the mean of the patch tokens)."""
+        return getattr(model, "global_pool", None) == "token"
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of the input ``model`` takes. Default: the size its patch embedding was
+        built for, else its pretrained config's."""
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+            h, w = patch_embed.img_size
+            return 3, int(h), int(w)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" in cfg:
+            return tuple(cfg["input_size"])  # type: ignore[return-value]
+        raise ValueError(
+            f"cannot tell the input size of {type(model).__name__}; pass image_size=... to the "
+            "throughput evaluator"
+        )
+
+    def timed_module(self, model: nn.Module) -> nn.Module:
+        """The part of ``model`` whose speed merging changes, which throughput times: the whole
+        model unless it holds more than an image encoder."""
+        return model
+
+    def eval_transform(self, model: nn.Module) -> Callable[[Any], Tensor]:
+        """The evaluation transform of ``model``: a PIL image -> a (3, H, W) float tensor.
+
+        Default: timm's, resolved from the pretrained config (for DeiT: resize the short side
+        to 248, bicubic, center crop 224, to tensor, normalise with the ImageNet mean / std).
+        """
+        config = resolve_data_config({}, model=model)
+        # A model built at another size (e.g. img_size=64 for a quick run) keeps its pretrained
+        # config's 224: take the size its patch embedding actually expects.
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if size is not None and not getattr(model, "dynamic_img_size", False):
+            config["input_size"] = (3, *tuple(size))
+        return create_transform(**config)
+
+    def normalize_pixels(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        """(B, 3, H, W) float RGB in [0, 255] -> the normalised input ``model`` expects, same
+        shape. Default: the pretrained config's mean / std, ImageNet's where there is none."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1)
+        return (pixels / 255.0 - mean) / std
+
+    def prompt_predictor(self, model: nn.Module) -> Any:
+        """The family's own predictor of masks for box and point prompts on one image
+        (segment-anything's ``SamPredictor``, sam2's ``SAM2ImagePredictor``), for a model whose
+        ``kind`` is ``"sam"``; TypeError for a model that takes no prompts."""
+        raise TypeError(
+            f"{type(model).__module__}.{type(model).__qualname__} takes no prompts; the "
+            "mask protocols need a whole segment-anything Sam or sam2 SAM2Base"
+        )
 
 
 def keys_from_qkv_output(qkv_out: Tensor, num_heads: int) -> Tensor:

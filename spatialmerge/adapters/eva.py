@@ -21,6 +21,7 @@ With ``prop_attn`` every block after a merge gets the log-size bias through its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -32,8 +33,8 @@ from torch import Tensor, nn
 
 from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
 from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
-from spatialmerge.adapters.runtime import GridRun
 from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.adapters.loops import run_prefixed_blocks
 
 
 def grid_coords(rope: RotaryEmbeddingDinoV3, hw: tuple[int, int]) -> Tensor:
@@ -50,33 +51,6 @@ def grid_coords(rope: RotaryEmbeddingDinoV3, hw: tuple[int, int]) -> Tensor:
     return coords.flatten(0, 1)
 
 
-def centroid_coords(
-    coords: Tensor, assignment: Tensor, num_tokens: int, fallback: Tensor | None = None
-) -> Tensor:
-    """Mean coordinate of the original cells each reduced token holds.
-
-    Args:
-        coords: (N, 2) coordinate of every original cell.
-        assignment: (B, N) int64, the reduced token each cell went to.
-        num_tokens: N', the number of reduced tokens.
-        fallback: optional (N', 2) coordinates for a token that holds no cell (Expedite can leave
-            a cluster empty); without it such a token sits at the origin.
-
-    Returns:
-        (B, N', 2) float32.
-    """
-    b = assignment.shape[0]
-    coords = coords.to(device=assignment.device, dtype=torch.float32).expand(b, -1, -1)  # (B, N, 2)
-    index = assignment.unsqueeze(-1).expand(-1, -1, 2)  # (B, N, 2)
-    sums = coords.new_zeros(b, num_tokens, 2).scatter_add_(1, index, coords)
-    counts = coords.new_zeros(b, num_tokens).scatter_add_(1, assignment, coords.new_ones(assignment.shape))
-    means = sums / counts.clamp_min(1).unsqueeze(-1)  # (B, N', 2)
-    if fallback is not None:
-        fallback = fallback.to(means)
-        means = torch.where(counts.unsqueeze(-1) > 0, means, fallback.expand_as(means))
-    return means
-
-
 def rope_from_coords(rope: RotaryEmbeddingDinoV3, coords: Tensor) -> Tensor:
     """Per-image RoPE table for arbitrary coordinates, in ``get_embed``'s [sin, cos] layout.
 
@@ -87,17 +61,21 @@ def rope_from_coords(rope: RotaryEmbeddingDinoV3, coords: Tensor) -> Tensor:
     return torch.cat([sin, cos], dim=-1).view(b, 1, n, -1)
 
 
-def _rope_for(
-    rope: RotaryEmbeddingDinoV3, run: GridRun, in_hw: tuple[int, int], hw: tuple[int, int]
-) -> Tensor:
-    """The RoPE table for the (H', W') grid left by this run's merges so far on an (H, W) input:
-    (H' * W', 2 * dim) for ``positions="grid"``, (B, 1, H' * W', 2 * dim) for ``"centroid"``."""
-    if run.config.positions == "grid":
-        return rope.get_embed(shape=list(hw))  # (H' * W', 2 * dim)
-    centroids = centroid_coords(
-        grid_coords(rope, in_hw), run.assignment(), hw[0] * hw[1], fallback=grid_coords(rope, hw)
-    )
-    return rope_from_coords(rope, centroids)
+@dataclass(frozen=True)
+class _TimmGridRope:
+    """timm's DINOv3 RoPE as ``merged_rope_table`` rebuilds it: tables (H' * W', 2 * dim) for a
+    uniform grid, (B, 1, H' * W', 2 * dim) per image."""
+
+    rope: RotaryEmbeddingDinoV3
+
+    def grid_table(self, hw: tuple[int, int]) -> Tensor:
+        return self.rope.get_embed(shape=list(hw))
+
+    def cell_coords(self, hw: tuple[int, int]) -> Tensor:
+        return grid_coords(self.rope, hw)
+
+    def coords_table(self, coords: Tensor) -> Tensor:
+        return rope_from_coords(self.rope, coords)
 
 
 def _check_runtime(model: Eva, attn_mask: Tensor | None) -> None:
@@ -130,14 +108,6 @@ def _embed(model: Eva, images: Tensor) -> tuple[Tensor, Tensor | None, tuple[int
     return model.norm_pre(x), rope, (int(hw[0]), int(hw[1]))
 
 
-def _recover_tokens(run: GridRun, x: Tensor, hw: tuple[int, int], prefix: int) -> Tensor:
-    """(B, P + H' * W', C) -> (B, P + H * W, C): undo the merges so far on the patch tokens."""
-    if not run.records:
-        return x
-    grid = run.recover(x[:, prefix:].unflatten(1, hw))  # (B, H, W, C)
-    return torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)
-
-
 def _run_blocks(
     model: Eva,
     x: Tensor,
@@ -153,35 +123,21 @@ def _run_blocks(
     block in ``take_indices``, its output with the patch tokens recovered to the full grid.
     """
     run = getattr(model, STATE_ATTR).run(model)
-    prefix = model.num_prefix_tokens
-    in_hw = hw
     checkpointing = model.grad_checkpointing and model.training
-    intermediates = []
-    mask = None
-    for i, block in enumerate(blocks):
-        if run.merges_at(i):
-            grid = x[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
-            grid = run.before_block(i, grid, block)  # (B, H', W', C)
-            new_hw = (grid.shape[1], grid.shape[2])
-            x = torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H' * W', C)
-            # An unchanged grid keeps timm's own table (its cached one for fixed-size models).
-            if rope is not None and (new_hw != hw or run.config.positions == "centroid"):
-                rope = _rope_for(model.rope, run, in_hw, new_hw)
-            hw = new_hw
-            # prop_attn: log(size) per key through the block's own attn_mask, (B, 1, 1, P + H' * W')
-            mask = run.key_bias(prefix, x.dtype)
+
+    def call_block(block: nn.Module, tokens: Tensor, bias: Tensor | None, rope_table: Tensor | None) -> Tensor:
+        # prop_attn: log(size) per key through the block's own attn_mask
         if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(
-                block, x, rope=rope, attn_mask=mask, is_causal=is_causal, use_reentrant=False
+            return torch.utils.checkpoint.checkpoint(
+                block, tokens, rope=rope_table, attn_mask=bias, is_causal=is_causal, use_reentrant=False
             )
-        else:
-            x = block(x, rope=rope, attn_mask=mask, is_causal=is_causal)
-        if i in take_indices:
-            intermediates.append(_recover_tokens(run, x, hw, prefix))
-    if run.config.recover:
-        x = _recover_tokens(run, x, hw, prefix)
-    run.finish()
-    return x, intermediates
+        return block(tokens, rope=rope_table, attn_mask=bias, is_causal=is_causal)
+
+    grid_rope = None if model.rope is None else _TimmGridRope(model.rope)
+    return run_prefixed_blocks(
+        run, x, hw, model.num_prefix_tokens, blocks, call_block,
+        rope_table=rope, rope=grid_rope, take_indices=take_indices,
+    )
 
 
 def _eva_forward_features(

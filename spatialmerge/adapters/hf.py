@@ -39,15 +39,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
-from spatialmerge.adapters.attention import key_bias
-from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
+from spatialmerge.adapters.adapter import Adapter, OutputKind, keys_from_qkv
 from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
-from spatialmerge.adapters.runtime import GridRun
 from spatialmerge.adapters.config import MergeConfig
-from spatialmerge.adapters.eva import centroid_coords
-from spatialmerge.adapters.sam import SamFamily, window_size
+from spatialmerge.adapters.loops import run_grid_blocks, run_prefixed_blocks
+from spatialmerge.adapters.sam import SamFamily
 
 
 @dataclass(frozen=True)
@@ -124,26 +123,31 @@ def _refuse_unmerged_extras(model: nn.Module, attention_mask: Tensor | None, kwa
         )
 
 
-def _rope_for(model: nn.Module, run: GridRun, pixel_values: Tensor, in_hw: tuple[int, int],
-              hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """DINOv3's (cos, sin) for the (H', W') grid left by the merges so far: (H' * W', D) each for
-    ``positions="grid"``, (B, 1, H' * W', D) for ``"centroid"``."""
-    rope = model.rope_embeddings
-    ph, pw = _patch_side(model)
-    if run.config.positions == "grid":
-        # the module reads only the spatial size of its input: an (H' * p) x (W' * p) stand-in
-        stand_in = pixel_values.new_empty(1, pixel_values.shape[1], hw[0] * ph, hw[1] * pw)
-        return rope(stand_in)
-    from transformers.models.dinov3_vit.modeling_dinov3_vit import get_patches_center_coordinates
+@dataclass(frozen=True)
+class _DINOv3GridRope:
+    """DINOv3's ``rope_embeddings`` as ``merged_rope_table`` rebuilds it: (cos, sin) of
+    (H' * W', D) each for a uniform grid, (B, 1, H' * W', D) per image."""
 
-    device = pixel_values.device
-    coords = get_patches_center_coordinates(*in_hw, dtype=torch.float32, device=device)  # (N, 2)
-    fallback = get_patches_center_coordinates(*hw, dtype=torch.float32, device=device)
-    centroids = centroid_coords(coords, run.assignment(), hw[0] * hw[1], fallback=fallback)  # (B, N', 2)
-    # as DINOv3ViTRopePositionEmbedding.forward forms its angles from coordinates
-    angles = 2 * math.pi * centroids[..., None] * rope.inv_freq  # (B, N', 2, D / 4)
-    angles = angles.flatten(-2).tile(2)[:, None]  # (B, 1, N', D)
-    return torch.cos(angles).to(pixel_values.dtype), torch.sin(angles).to(pixel_values.dtype)
+    model: nn.Module
+    pixel_values: Tensor  # (B, 3, H_img, W_img): the device and dtype of the tables
+
+    def grid_table(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        # the module reads only the spatial size of its input: an (H' * p) x (W' * p) stand-in
+        ph, pw = _patch_side(self.model)
+        pixels = self.pixel_values
+        return self.model.rope_embeddings(pixels.new_empty(1, pixels.shape[1], hw[0] * ph, hw[1] * pw))
+
+    def cell_coords(self, hw: tuple[int, int]) -> Tensor:
+        from transformers.models.dinov3_vit.modeling_dinov3_vit import get_patches_center_coordinates
+
+        return get_patches_center_coordinates(*hw, dtype=torch.float32, device=self.pixel_values.device)
+
+    def coords_table(self, coords: Tensor) -> tuple[Tensor, Tensor]:
+        # as DINOv3ViTRopePositionEmbedding.forward forms its angles from coordinates
+        angles = 2 * math.pi * coords[..., None] * self.model.rope_embeddings.inv_freq  # (B, N, 2, D / 4)
+        angles = angles.flatten(-2).tile(2)[:, None]  # (B, 1, N, D)
+        dtype = self.pixel_values.dtype
+        return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
 def _hf_forward(
@@ -187,29 +191,20 @@ def _hf_forward(
             )
         hidden = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # (B, P + H * W, C)
     ph, pw = _patch_side(self)
-    in_hw = hw = (pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw)
-    prefix = _num_prefix(self, family)
-    rope = self.rope_embeddings(pixel_values) if family.rope else None
-    run = state.run(self)
-    mask = None
-    for i, layer in enumerate(_attr(self, family.layers)):
-        if run.merges_at(i):
-            grid = hidden[:, prefix:].unflatten(1, hw)  # (B, H, W, C)
-            grid = run.before_block(i, grid, layer)  # (B, H', W', C)
-            hw = (grid.shape[1], grid.shape[2])
-            hidden = torch.cat([hidden[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H' * W', C)
-            if rope is not None:
-                rope = _rope_for(self, run, pixel_values, in_hw, hw)
-            # prop_attn: eager and SDPA attention add this float mask to their logits
-            mask = run.key_bias(prefix, hidden.dtype)  # (B, 1, 1, P + H' * W')
+    hw = (pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw)
+
+    def call_layer(layer: nn.Module, tokens: Tensor, bias: Tensor | None,
+                   rope_table: tuple[Tensor, Tensor] | None) -> Tensor:
+        # prop_attn: eager and SDPA attention add this float mask to their logits
         if family.rope:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, **kwargs)
-        else:
-            hidden = layer(hidden, mask, **kwargs)
-    if state.config.recover and run.records:
-        grid = run.recover(hidden[:, prefix:].unflatten(1, hw))  # (B, H, W, C)
-        hidden = torch.cat([hidden[:, :prefix], grid.flatten(1, 2)], dim=1)
-    run.finish()
+            return layer(tokens, attention_mask=bias, position_embeddings=rope_table, **kwargs)
+        return layer(tokens, bias, **kwargs)
+
+    hidden, _ = run_prefixed_blocks(
+        state.run(self), hidden, hw, _num_prefix(self, family), _attr(self, family.layers), call_layer,
+        rope_table=self.rope_embeddings(pixel_values) if family.rope else None,
+        rope=_DINOv3GridRope(self, pixel_values) if family.rope else None,
+    )
     sequence = _attr(self, family.norm)(hidden)
     if family.pooler:
         pooled = self.pooler(sequence) if self.pooler is not None else None
@@ -217,6 +212,17 @@ def _hf_forward(
         pooled = sequence[:, 0, :]
     output = BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled)
     return output.to_tuple() if return_dict is False else output
+
+
+def _eval_transform_at_config_size(model: nn.Module) -> Callable[[Any], Tensor]:
+    """timm's default evaluation transform (a transformers model has no pretrained config:
+    ImageNet mean / std, bicubic, crop 0.875) at the model's ``config.image_size`` where its
+    config has one (a ``SamModel``'s does not): a PIL image -> a (3, H, W) float tensor."""
+    config = resolve_data_config({}, model=model)
+    size = getattr(model.config, "image_size", None)
+    if isinstance(size, int):
+        config["input_size"] = (3, size, size)
+    return create_transform(**config)
 
 
 class TransformersAdapter(Adapter):
@@ -268,6 +274,39 @@ class TransformersAdapter(Adapter):
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _hf_forward}
 
+    def dense_features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The patch features as a grid, and the pooled output.
+
+        images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C')): prefix tokens (CLS, distillation,
+        registers) are left out of the grid; ``pooler_output`` is the CLS token after the final
+        norm (ViT / DeiT: their pooler, when the model has one).
+        """
+        output = model(pixel_values=images)
+        ph, pw = _patch_side(model)
+        h, w = images.shape[-2] // ph, images.shape[-1] // pw
+        patches = output.last_hidden_state[:, _num_prefix(model, _family(model)):]
+        if patches.shape[1] != h * w:
+            raise RuntimeError(
+                f"{type(model).__name__} returned {patches.shape[1]} patch tokens for a {h}x{w} grid: "
+                "the merge was not recovered (recover=True), so merged and unmerged tokens do not line up"
+            )
+        pooled = output.pooler_output if output.pooler_output is not None else output.last_hidden_state[:, 0]
+        return patches.unflatten(1, (h, w)).permute(0, 3, 1, 2), pooled
+
+    def pools_cls_token(self, model: nn.Module) -> bool:
+        # DINOv2 / DINOv3 (no pooler) and ViT / DeiT without theirs pool their CLS token
+        return getattr(model, "pooler", None) is None
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        size = model.config.image_size
+        if isinstance(size, int):
+            return 3, size, size
+        return super().input_size(model)
+
+    def eval_transform(self, model: nn.Module) -> Callable[[Any], Tensor]:
+        return _eval_transform_at_config_size(model)
+
+
 
 _SAM_MODULE = "transformers.models.sam.modeling_sam"
 
@@ -291,14 +330,7 @@ def _hf_sam_encoder_forward(self: nn.Module, pixel_values: Tensor | None = None,
     hidden = self.patch_embed(pixel_values)  # (B, H, W, C)
     if self.pos_embed is not None:
         hidden = hidden + self.pos_embed
-    run = getattr(self, STATE_ATTR).run(self)
-    for i, layer in enumerate(self.layers):
-        hidden = run.before_block(i, hidden, layer)  # (B, H', W', C) from the merge on
-        with window_size(layer, run.block_window), \
-                key_bias(layer.attn, run.window_key_bias(layer.window_size, hidden.dtype)):
-            hidden = layer(hidden)
-    hidden = run.recover(hidden)  # (B, H, W, C)
-    run.finish()
+    hidden = run_grid_blocks(getattr(self, STATE_ATTR).run(self), hidden, self.layers)  # (B, H, W, C)
     output = module.SamVisionEncoderOutput(last_hidden_state=self.neck(hidden))
     return output.to_tuple() if return_dict is False else output
 
@@ -338,31 +370,21 @@ class TransformersSamAdapter(SamFamily):
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _hf_sam_encoder_forward}
 
+    def kind(self, model: nn.Module) -> OutputKind | None:
+        return None  # the mask protocols run segment-anything's and sam2's SAM, not this one
+
+    def eval_transform(self, model: nn.Module) -> Callable[[Any], Tensor]:
+        return _eval_transform_at_config_size(model)
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        size = self.target(model).config.image_size
+        if isinstance(size, int):
+            return 3, size, size
+        return super().input_size(model)
+
+    def timed_module(self, model: nn.Module) -> nn.Module:
+        return self.target(model)
+
 
 register_adapter(TransformersAdapter())
 register_adapter(TransformersSamAdapter())
-
-
-def is_transformers_backbone(model: nn.Module) -> bool:
-    """Whether ``model`` is one of the ``transformers`` classes this adapter runs."""
-    return _family(model) is not None
-
-
-def transformers_features(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """The patch features of a ``transformers`` backbone as a grid, and its pooled output.
-
-    images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C')): prefix tokens (CLS, distillation,
-    registers) are left out of the grid; ``pooler_output`` is the CLS token after the final norm
-    (ViT / DeiT: their pooler, when the model has one).
-    """
-    output = model(pixel_values=images)
-    ph, pw = _patch_side(model)
-    h, w = images.shape[-2] // ph, images.shape[-1] // pw
-    patches = output.last_hidden_state[:, _num_prefix(model, _family(model)):]
-    if patches.shape[1] != h * w:
-        raise RuntimeError(
-            f"{type(model).__name__} returned {patches.shape[1]} patch tokens for a {h}x{w} grid: "
-            "the merge was not recovered (recover=True), so merged and unmerged tokens do not line up"
-        )
-    pooled = output.pooler_output if output.pooler_output is not None else output.last_hidden_state[:, 0]
-    return patches.unflatten(1, (h, w)).permute(0, 3, 1, 2), pooled

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from spatialmerge.adapters.attention import key_bias
-from spatialmerge.adapters.adapter import Adapter, keys_from_qkv
+from spatialmerge.adapters.adapter import Adapter, OutputKind, keys_from_qkv
 from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.adapters.loops import run_grid_blocks
 
 # SAM 2's encoder input side (``SAM2Base.image_size`` in every official config); a bare trunk
 # does not know its input size, so schedules of a bare Hiera are described at this size.
@@ -56,29 +56,22 @@ def loaded_sam2_types() -> tuple[type, type, type] | None:
     return SAM2Base, ImageEncoder, Hiera
 
 
-def is_sam2(model: nn.Module) -> bool:
-    """Whether ``model`` is a whole sam2 ``SAM2Base`` (without importing sam2)."""
-    types = loaded_sam2_types()
-    return types is not None and isinstance(model, types[0])
-
-
 def _hiera_forward(self: nn.Module, x: Tensor) -> list[Tensor]:
     """Hiera's forward with the merge schedule: (B, 3, S, S) -> the stage outputs (B, C_s,
     H_s, W_s), each at its native size (merges are recovered at the end of their stage)."""
     x = self.patch_embed(x)  # (B, H, W, C)
     x = x + self._get_pos_embed(x.shape[1:3])
-    run = getattr(self, STATE_ATTR).run(self)
     outputs = []
-    for i, block in enumerate(self.blocks):
-        x = run.before_block(i, x, block)  # (B, H', W', C) until the stage ends
-        with key_bias(block.attn, run.window_key_bias(block.window_size, x.dtype)):
-            x = block(x)
-        if i in self.stage_ends:
-            x = run.recover(x)  # the neck and the next q-pool get the stage's native grid
-            run.end_region()
-            if i == self.stage_ends[-1] or self.return_interm_layers:
-                outputs.append(x.permute(0, 3, 1, 2))
-    run.finish()
+
+    def keep_stage_output(i: int, stage_output: Tensor) -> None:
+        # recovered: the neck and the next q-pool get the stage's native grid
+        if i == self.stage_ends[-1] or self.return_interm_layers:
+            outputs.append(stage_output.permute(0, 3, 1, 2))
+
+    run_grid_blocks(
+        getattr(self, STATE_ATTR).run(self), x, self.blocks,
+        stage_ends=self.stage_ends, on_stage_end=keep_stage_output,
+    )
     return outputs
 
 
@@ -151,6 +144,39 @@ class HieraAdapter(Adapter):
 
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _hiera_forward}
+
+    def _is_whole(self, model: nn.Module) -> bool:
+        """Whether ``model`` is a whole ``SAM2Base`` (image encoder, prompt encoder, mask decoder)."""
+        return isinstance(model, loaded_sam2_types()[0])
+
+    def kind(self, model: nn.Module) -> OutputKind | None:
+        return "sam" if self._is_whole(model) else None
+
+    def dense_features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, None]:
+        """The FPN level of Hiera's third stage, which the mask decoder reads:
+        (B, 3, S, S) -> ((B, C, S / 16, S / 16), None)."""
+        encoder = model.image_encoder if self._is_whole(model) else model
+        if not isinstance(encoder, loaded_sam2_types()[1]):
+            raise TypeError(
+                "a bare Hiera trunk returns one map per stage, not the image embedding; pass "
+                "the SAM2Base or its ImageEncoder"
+            )
+        return encoder(images)["vision_features"], None
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        if self._is_whole(model):  # a square input
+            return 3, model.image_size, model.image_size
+        return super().input_size(model)
+
+    def timed_module(self, model: nn.Module) -> nn.Module:
+        return model.image_encoder if self._is_whole(model) else model
+
+    def prompt_predictor(self, model: nn.Module) -> Any:
+        if not self._is_whole(model):
+            return super().prompt_predictor(model)
+        from sam2.sam2_image_predictor import SAM2ImagePredictor  # sam2 is imported: model exists
+
+        return SAM2ImagePredictor(model)
 
 
 register_adapter(HieraAdapter())

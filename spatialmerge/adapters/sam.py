@@ -13,56 +13,35 @@ untouched.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch.utils.checkpoint
+from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT, Sam
 from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
-from spatialmerge.adapters.attention import key_bias
 from spatialmerge.adapters.adapter import (
     Adapter,
+    OutputKind,
     keys_from_qkv,
     unmerged_entry_point,
 )
+from spatialmerge.adapters.loops import run_grid_blocks
 from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 
 
 def _run_blocks(encoder: nn.Module, x: Tensor, checkpointing: bool = False) -> Tensor:
     """Run ``encoder.blocks`` on the (B, H, W, C) grid ``x`` with the patch's merge schedule and
     return the recovered (B, H, W, C) grid."""
-    run = getattr(encoder, STATE_ATTR).run(encoder)
-    for i, block in enumerate(encoder.blocks):
-        x = run.before_block(i, x, block)  # (B, H', W', C) from the merge location on
-        with window_size(block, run.block_window), \
-                key_bias(block.attn, run.window_key_bias(block.window_size, x.dtype)):
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-    x = run.recover(x)  # (B, H, W, C)
-    run.finish()
-    return x
 
+    def call_block(block: nn.Module, grid: Tensor) -> Tensor:
+        if checkpointing:
+            return torch.utils.checkpoint.checkpoint(block, grid, use_reentrant=False)
+        return block(grid)
 
-@contextmanager
-def window_size(block: nn.Module, side: int | None) -> Iterator[None]:
-    """Run a window-attention block with windows of ``side`` (Expedit-SAM: after per-window
-    clustering the grid is tiled in side x side windows). The block is the stock one: its
-    rel-pos tables, sized for the original window, are interpolated by its own ``get_rel_pos``.
-    Global blocks (window 0) and ``side=None`` leave the block as it is."""
-    original = block.window_size
-    if side is None or original == 0:
-        yield
-        return
-    block.window_size = side
-    try:
-        yield
-    finally:
-        block.window_size = original
+    return run_grid_blocks(getattr(encoder, STATE_ATTR).run(encoder), x, encoder.blocks, call_block)
 
 
 def _sam_encoder_forward(self: ImageEncoderViT, x: Tensor) -> Tensor:
@@ -126,6 +105,32 @@ class SegmentAnythingAdapter(SamFamily):
     def overrides(self) -> dict[str, Callable[..., Any]]:
         return {"forward": _sam_encoder_forward}
 
+    whole_model_hint = "pass the whole Sam (its prompts and masks are what fidelity compares)"
+
+    def kind(self, model: nn.Module) -> OutputKind | None:
+        return "sam" if isinstance(model, Sam) else None
+
+    def dense_features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, None]:
+        """The image embedding, (B, 3, S, S) -> ((B, C, S / 16, S / 16), None)."""
+        return self.target(model)(images), None
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        side = self.target(model).img_size  # a square input
+        return 3, side, side
+
+    def timed_module(self, model: nn.Module) -> nn.Module:
+        return self.target(model)
+
+    def normalize_pixels(self, model: nn.Module, pixels: Tensor) -> Tensor:
+        if isinstance(model, Sam):  # as Sam.preprocess
+            return (pixels - model.pixel_mean.cpu()) / model.pixel_std.cpu()
+        return super().normalize_pixels(model, pixels)
+
+    def prompt_predictor(self, model: nn.Module) -> Any:
+        if isinstance(model, Sam):
+            return SamPredictor(model)
+        return super().prompt_predictor(model)
+
 
 class TimmSamAdapter(SamFamily):
     """timm ``VisionTransformerSAM`` (``samvit_base/large/huge_patch16``)."""
@@ -140,6 +145,13 @@ class TimmSamAdapter(SamFamily):
                 "forward_intermediates", "forward_features (the neck output on the full grid)"
             ),
         }
+
+    def dense_features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The neck output, already a grid: (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C') or
+        None)."""
+        grid = model.forward_features(images)  # (B, C, H, W)
+        pooled = model.forward_head(grid, pre_logits=True)
+        return grid, pooled if pooled.dim() == 2 else None
 
 
 register_adapter(SegmentAnythingAdapter())

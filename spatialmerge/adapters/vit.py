@@ -32,12 +32,14 @@ from torch import Tensor, nn
 
 from spatialmerge.adapters.adapter import (
     Adapter,
+    OutputKind,
     keys_from_qkv,
     keys_from_qkv_output,
     unmerged_entry_point,
 )
 from spatialmerge.adapters.registry import STATE_ATTR, register_adapter
 from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.adapters.loops import run_prefixed_blocks
 from spatialmerge.merging.tome import bipartite_soft_matching, max_r, merge_wavg, parse_r
 
 
@@ -95,24 +97,16 @@ def _grid_forward_features(
             "patch_drop_rate=0 (or eval mode)"
         )
     checkpointing = _checkpointing(self)
-    mask = None
-    for i, block in enumerate(self.blocks):
-        if run.merges_at(i):
-            grid = x[:, prefix:].unflatten(1, (h, w))  # (B, H, W, C)
-            grid = run.before_block(i, grid, block)  # (B, H', W', C)
-            h, w = grid.shape[1], grid.shape[2]
-            x = torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H' * W', C)
-            mask = run.key_bias(prefix, x.dtype)  # (B, 1, 1, P + H' * W') with prop_attn
-        # timm's blocks add a float attn_mask to their attention logits (fused or not)
-        args = (x,) if mask is None else (x, mask)
+
+    def call_block(block: nn.Module, tokens: Tensor, bias: Tensor | None, rope_table: None) -> Tensor:
+        # timm's blocks add a float attn_mask to their attention logits (fused or not); without
+        # a bias the block is called as timm calls it, so blocks that take no attn_mask run too
+        args = (tokens,) if bias is None else (tokens, bias)
         if checkpointing:
-            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        else:
-            x = block(*args)
-    if state.config.recover and run.records:
-        grid = run.recover(x[:, prefix:].unflatten(1, (h, w)))  # (B, H, W, C)
-        x = torch.cat([x[:, :prefix], grid.flatten(1, 2)], dim=1)  # (B, P + H * W, C)
-    run.finish()
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    x, _ = run_prefixed_blocks(run, x, (h, w), prefix, self.blocks, call_block)
     return self.norm(x)
 
 
@@ -257,6 +251,10 @@ class TimmViTAdapter(Adapter):
                 "forward_intermediates", "forward_features (recover=True keeps every patch token)"
             ),
         }
+
+    def kind(self, model: nn.Module) -> OutputKind | None:
+        """A classifier where the model has a head (``num_classes > 0``), else a feature backbone."""
+        return "classifier" if model.num_classes > 0 else "features"
 
 
 register_adapter(TimmViTAdapter())

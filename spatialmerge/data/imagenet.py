@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 from typing import Callable, Literal
 
-from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from spatialmerge.adapters import find_adapter
 from spatialmerge.data.errors import DatasetLayoutError
 from spatialmerge.data.images import load_rgb
 
@@ -71,18 +71,11 @@ def imagenet_dataset(
 
 
 def eval_transform(model: nn.Module) -> Callable:
-    """timm's evaluation transform for `model`, resolved from the model's pretrained config.
+    """The evaluation transform of `model`, as its backbone family defines it (timm's, resolved
+    from the model's pretrained config; transformers models: timm's defaults at their
+    ``config.image_size``).
 
     For DeiT this is: resize the short side to 248 (bicubic), center crop 224, to tensor,
     normalise with the ImageNet mean / std. Maps a PIL image to a (3, H, W) float tensor.
     """
-    config = resolve_data_config({}, model=model)
-    # A model built at another size (e.g. img_size=64 for a quick run) keeps its pretrained
-    # config's 224: take the size its patch embedding actually expects.
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None and not getattr(model, "dynamic_img_size", False):
-        config["input_size"] = (3, *tuple(size))
-    hf_size = getattr(getattr(model, "config", None), "image_size", None)
-    if isinstance(hf_size, int) and size is None:  # transformers: no pretrained_cfg, timm's defaults
-        config["input_size"] = (3, hf_size, hf_size)  # (ImageNet mean / std, bicubic, crop 0.875)
-    return create_transform(**config)
+    return find_adapter(model).eval_transform(model)

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import spatialmerge
+from spatialmerge.adapters import find_adapter
 from spatialmerge.adapters.runtime import merge_clock
-from spatialmerge.evaluators.throughput import ThroughputEvaluator, input_size, timed_module
+from spatialmerge.evaluators.throughput import ThroughputEvaluator
 from spatialmerge.models import build_model
 
 # Tiny architectures for a quick end-to-end check of the script (and its tests).
@@ -160,7 +161,8 @@ def run_suite(
     model = build_model(suite.model, **suite.overrides)
     evaluator = ThroughputEvaluator(batch_size=suite.batch_size, warmup=warmup, iters=iters, dtype=dtype)
     timings = evaluator.evaluate(model, suite.schedules, device)  # tqdm over the rounds
-    channels, h, w = input_size(model)
+    adapter = find_adapter(model)
+    channels, h, w = adapter.input_size(model)
     x = torch.randn(suite.batch_size, channels, h, w, device=device)
     rows = []
     for name in ["baseline", *suite.schedules]:
@@ -168,7 +170,7 @@ def run_suite(
         variant = copy.deepcopy(model).to(device)
         if name != "baseline":
             spatialmerge.patch(variant, **suite.schedules[name])
-        module = timed_module(variant)
+        module = adapter.timed_module(variant)
         oracle = suite.oracle.get(name)
         oracle_speedup = timings[oracle]["speedup"] if oracle else None
         rows.append(

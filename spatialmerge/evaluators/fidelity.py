@@ -24,29 +24,26 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import ImageEncoderViT
 from segment_anything.utils.amg import build_point_grid
-from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 import spatialmerge
+from spatialmerge.adapters import Adapter, find_adapter
+from spatialmerge.adapters.adapter import OutputKind
 from spatialmerge.data.coco import collate_list
-from spatialmerge.data.imagenet import eval_transform
-from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
-from spatialmerge.evaluators.metrics import mask_iou, segment_agreement
-from spatialmerge.adapters.hf import is_transformers_backbone, transformers_features
-from spatialmerge.evaluators.prompting import PromptPredictor, is_promptable
+from spatialmerge.distributed import all_reduce_sum, shard_indices
+from spatialmerge.evaluators.base import DatasetEvaluator
+from spatialmerge.evaluators.metrics import Means, mask_iou, segment_agreement
+from spatialmerge.evaluators.prompting import PromptPredictor
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sam", "classifier", "features"]
+# the metrics reported in percent
+PERCENT = ("mask_iou", "top1_agreement", "top5_overlap", "segment_agreement")
 
 _SUPPORTED = (
     "segment_anything.modeling.Sam, sam2 SAM2Base, transformers ViT / DeiT / DINOv2 / DINOv3 "
@@ -55,23 +52,26 @@ _SUPPORTED = (
 )
 
 
-def model_kind(model: nn.Module) -> Kind:
+def model_kind(model: nn.Module) -> OutputKind:
     """Which comparison fits ``model``: ``"sam"``, ``"classifier"`` or ``"features"``."""
-    if is_promptable(model):
-        return "sam"
-    if isinstance(model, VisionTransformer):
-        return "classifier" if model.num_classes > 0 else "features"
-    if isinstance(model, (Eva, VisionTransformerSAM)) or is_transformers_backbone(model):
-        return "features"
-    hint = (
-        "; pass the whole Sam (its prompts and masks are what fidelity compares)"
-        if isinstance(model, ImageEncoderViT)
-        else ""
-    )
-    raise TypeError(
-        f"the fidelity evaluator does not support {type(model).__module__}."
-        f"{type(model).__qualname__}; supported: {_SUPPORTED}{hint}"
-    )
+    return _comparison(model)[1]
+
+
+def _comparison(model: nn.Module) -> tuple[Adapter, OutputKind]:
+    """The adapter of ``model`` and the kind of output it compares; TypeError, with what to pass
+    instead where the adapter knows, for a model whose output fidelity cannot compare."""
+    try:
+        adapter: Adapter | None = find_adapter(model)
+    except TypeError:  # no family of spatialmerge's: refused below with what fidelity supports
+        adapter = None
+    kind = adapter.kind(model) if adapter is not None else None
+    if adapter is None or kind is None:
+        hint = f"; {adapter.whole_model_hint}" if adapter is not None and adapter.whole_model_hint else ""
+        raise TypeError(
+            f"the fidelity evaluator does not support {type(model).__module__}."
+            f"{type(model).__qualname__}; supported: {_SUPPORTED}{hint}"
+        )
+    return adapter, kind
 
 
 def fidelity_map(
@@ -140,53 +140,7 @@ def _check_logits(unmerged: Tensor, merged: Tensor) -> None:
         )
 
 
-def dense_features(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
-    """A timm backbone's patch features as a grid, and its pooled output if it has one.
-
-    images (B, 3, H_img, W_img) -> ((B, C, H, W), (B, C') or None). Prefix tokens (CLS,
-    registers) are left out of the grid; samvit's neck output already is the grid. transformers
-    backbones go through :func:`~spatialmerge.adapters.hf.transformers_features`.
-    """
-    if is_transformers_backbone(model):
-        return transformers_features(model, images)
-    tokens = model.forward_features(images)
-    if tokens.dim() == 4:  # samvit: (B, C, H, W)
-        grid = tokens
-    else:  # (B, P + H * W, C)
-        h, w = model.patch_embed.dynamic_feat_size(images.shape[-2:])
-        patches = tokens[:, model.num_prefix_tokens :]
-        if patches.shape[1] != h * w:
-            raise RuntimeError(
-                f"{type(model).__name__} returned {patches.shape[1]} patch tokens for a {h}x{w} "
-                "grid: the merge was not recovered, so merged and unmerged tokens do not line up"
-            )
-        grid = patches.unflatten(1, (h, w)).permute(0, 3, 1, 2)  # (B, C, H, W)
-    pooled = model.forward_head(tokens, pre_logits=True)
-    return grid, pooled if pooled.dim() == 2 else None
-
-
-class _Sums:
-    """Named per-item sums and an item count, reduced across ranks as one tensor."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, values: dict[str, Tensor], count: int) -> None:
-        """Add ``count`` items; each value is the sum of that metric over those items."""
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.count += count
-
-    def means(self, scale: dict[str, float]) -> dict[str, float]:
-        """Per-item means over every rank, each times ``scale.get(name, 1)`` (100 for %)."""
-        names = list(self.sums)
-        total = all_reduce_sum([self.sums[name] for name in names] + [float(self.count)]).tolist()
-        count = total.pop()
-        return {name: scale.get(name, 1.0) * value / count for name, value in zip(names, total)}
-
-
-class FidelityEvaluator:
+class FidelityEvaluator(DatasetEvaluator):
     """Compares a merged model's outputs with the same model unmerged; needs no labels.
 
     Args:
@@ -210,24 +164,15 @@ class FidelityEvaluator:
         num_workers: int = 2,
         progress: bool = True,
     ) -> None:
-        if max_images is not None and max_images < 1:
-            raise ValueError(
-                f"evaluator.max_images={max_images} must be >= 1; use evaluator.max_images=null "
-                "for all images"
-            )
+        super().__init__(max_images, num_workers, progress, config_key="evaluator")
         if points_per_side < 1 or batch_size < 1 or segments < 1:
             raise ValueError(
                 f"evaluator.points_per_side={points_per_side}, evaluator.segments={segments} and "
                 f"evaluator.batch_size={batch_size} must be >= 1"
             )
-        if num_workers < 0:
-            raise ValueError(f"evaluator.num_workers={num_workers} must be >= 0")
-        self.max_images = max_images
         self.points_per_side = points_per_side
         self.segments = segments
         self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress = progress
 
     def evaluate(
         self,
@@ -248,7 +193,7 @@ class FidelityEvaluator:
         ``feature_cosine`` (mean over patch positions), ``cls_cosine`` (models pooled by their
         CLS token) or ``pooled_cosine`` (other pooling), and ``segment_agreement`` (%). With ``merge`` None the model is compared with itself: perfect by construction.
         """
-        kind = model_kind(model)
+        adapter, kind = _comparison(model)
         device = torch.device(device)
         total = len(dataset)
         if total == 0:
@@ -266,36 +211,31 @@ class FidelityEvaluator:
                 # Dense features must line up with the unmerged grid token for token.
                 options["recover"] = True
             merged = spatialmerge.patch(copy.deepcopy(model), **options)
-        count = total if self.max_images is None else min(self.max_images, total)
+        count = self.image_count(total)
         shard = Subset(dataset, shard_indices(count))
         with torch.inference_mode():
             if kind == "sam":
                 sums = self._compare_sam(model, merged, shard)
-                scale = {"mask_iou": 100.0}
             else:
-                sums = self._compare_timm(model, merged, shard, device, kind)
-                scale = {"top1_agreement": 100.0, "top5_overlap": 100.0, "segment_agreement": 100.0}
-        return {"kind": kind, **sums.means(scale), "images": count}
+                sums = self._compare_batches(adapter, model, merged, shard, device, kind)
+        reduced = Means(sums.names, PERCENT)
+        reduced.merge(all_reduce_sum(sums.state()))
+        return {"kind": kind, **reduced.compute(), "images": count}
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
-        """Pipeline entry: SAM gets raw images, timm models their own eval transforms."""
-        kind = model_kind(ctx.model)
-        transform = None if kind == "sam" else eval_transform(ctx.model)
+        """Pipeline entry: SAM gets raw images, other models their own eval transforms."""
+        adapter, kind = _comparison(ctx.model)
+        transform = None if kind == "sam" else adapter.eval_transform(ctx.model)
         return self.evaluate(ctx.model, ctx.merge, ctx.dataset(transform=transform), ctx.device)
 
-    def _bar(self, loader: DataLoader, kind: str, unit: str) -> tqdm:
-        return tqdm(
-            loader, desc=f"fidelity ({kind})", unit=unit, disable=not (self.progress and is_main())
-        )
-
-    def _compare_sam(self, sam: nn.Module, merged: nn.Module, shard: Subset) -> _Sums:
+    def _compare_sam(self, sam: nn.Module, merged: nn.Module, shard: Subset) -> Means:
         unmerged_predictor = PromptPredictor(sam)
         merged_predictor = unmerged_predictor if merged is sam else PromptPredictor(merged)
         loader = DataLoader(
             shard, batch_size=1, num_workers=self.num_workers, collate_fn=collate_list
         )
-        sums = _Sums()
-        for (item,) in self._bar(loader, "sam", "img"):
+        sums = Means(percent=PERCENT)
+        for (item,) in self.bar(loader, "fidelity (sam)", "img"):
             image = np.asarray(_image(item))  # (H, W, 3) uint8
             embedding, masks = self._sam_outputs(unmerged_predictor, image)
             if merged_predictor is not unmerged_predictor:
@@ -304,7 +244,7 @@ class FidelityEvaluator:
                 merged_embedding, merged_masks = embedding, masks
             # Every image has the same number of prompts, so this per-prompt sum over images
             # is also the per-image mean.
-            sums.add(
+            sums.update(
                 {
                     "mask_iou": mask_iou(merged_masks, masks).mean(),
                     "embedding_cosine": fidelity_map(embedding, merged_embedding).mean(),
@@ -324,23 +264,29 @@ class FidelityEvaluator:
         masks = predictor.masks(points=points)  # one foreground click per prompt
         return predictor.image_embedding(), masks
 
-    def _compare_timm(
-        self, model: nn.Module, merged: nn.Module, shard: Subset, device: torch.device, kind: Kind
-    ) -> _Sums:
+    def _compare_batches(
+        self,
+        adapter: Adapter,
+        model: nn.Module,
+        merged: nn.Module,
+        shard: Subset,
+        device: torch.device,
+        kind: OutputKind,
+    ) -> Means:
         loader = DataLoader(
             shard,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=device.type == "cuda",
         )
-        sums = _Sums()
-        for batch in self._bar(loader, kind, "batch"):
+        sums = Means(percent=PERCENT)
+        for batch in self.bar(loader, f"fidelity ({kind})", "batch"):
             images = _image(batch).to(device, non_blocking=True)  # (B, 3, H, W)
             if kind == "classifier":
                 values = self._compare_logits(model, merged, images)
             else:
-                values = self._compare_features(model, merged, images, self.segments)
-            sums.add(values, count=images.shape[0])
+                values = self._compare_features(adapter, model, merged, images, self.segments)
+            sums.update(values, count=images.shape[0])
         return sums
 
     @staticmethod
@@ -359,22 +305,19 @@ class FidelityEvaluator:
 
     @staticmethod
     def _compare_features(
-        model: nn.Module, merged: nn.Module, images: Tensor, segments: int
+        adapter: Adapter, model: nn.Module, merged: nn.Module, images: Tensor, segments: int
     ) -> dict[str, Tensor]:
-        grid, pooled = dense_features(model, images)  # (B, C, H, W), (B, C') or None
+        grid, pooled = adapter.dense_features(model, images)  # (B, C, H, W), (B, C') or None
         if merged is model:
             merged_grid, merged_pooled = grid, pooled
         else:
-            merged_grid, merged_pooled = dense_features(merged, images)
+            merged_grid, merged_pooled = adapter.dense_features(merged, images)
         sums = {
             "feature_cosine": fidelity_map(grid, merged_grid).mean((1, 2)).sum(),
             "segment_agreement": segment_agreement(grid, merged_grid, segments).sum(),
         }
         if pooled is not None and merged_pooled is not None:
-            by_token = getattr(model, "global_pool", None) == "token" or (
-                is_transformers_backbone(model) and getattr(model, "pooler", None) is None
-            )  # transformers DINOv2 / DINOv3 pool their CLS token
-            name = "cls_cosine" if by_token else "pooled_cosine"
+            name = "cls_cosine" if adapter.pools_cls_token(model) else "pooled_cosine"
             sums[name] = _cosine(pooled, merged_pooled, dim=1).sum()
         return sums
 

@@ -144,6 +144,62 @@ class Accuracy:
         return result
 
 
+class Means:
+    """Per-item means of named metrics, each a sum over items and one shared item count.
+
+    The names are those given and, in order, any new name an update brings; an accumulator that
+    merges another's ``state()`` must know the same names (``Means(other.names, ...)``).
+
+    Args:
+        names: metrics known before the first update.
+        percent: metrics reported in percent (x 100).
+    """
+
+    def __init__(self, names: Sequence[str] = (), percent: Sequence[str] = ()) -> None:
+        self.names: list[str] = []
+        self.percent = frozenset(percent)
+        # [sum of each named metric..., items]; float64 keeps the count exact and the sums stable
+        self._sums = torch.zeros(1, dtype=torch.float64)
+        self._add_names(names)
+
+    def _add_names(self, names: Sequence[str]) -> None:
+        new = [name for name in names if name not in self.names]
+        if new:
+            self.names.extend(new)
+            zeros = self._sums.new_zeros(len(new))
+            self._sums = torch.cat([self._sums[:-1], zeros, self._sums[-1:]])
+
+    def update(self, sums: Mapping[str, Tensor | float], count: int) -> None:
+        """Add ``count`` items; each value is the sum of that metric over those items."""
+        self._add_names(list(sums))
+        for name, value in sums.items():
+            self._sums[self.names.index(name)] += float(value)
+        self._sums[-1] += count
+
+    def state(self) -> Tensor:
+        """The sums and the item count, (len(names) + 1,) float64, to all-reduce and `merge`."""
+        return self._sums.clone()
+
+    def merge(self, state: Tensor) -> None:
+        """Add another accumulator's `state()` (or a reduction of several) into this one."""
+        if state.shape != self._sums.shape:
+            raise ValueError(
+                f"state must have shape ({len(self._sums)},) for the metrics {self.names}, got "
+                f"{tuple(state.shape)}"
+            )
+        self._sums += state.detach().to("cpu", torch.float64)
+
+    def compute(self) -> dict[str, float]:
+        """{name: per-item mean (x 100 for ``percent`` names)}, in the order of ``names``."""
+        *sums, count = self._sums.tolist()
+        if count == 0:
+            raise ValueError("Means has no items: call update() before compute()")
+        return {
+            name: (100.0 if name in self.percent else 1.0) * value / count
+            for name, value in zip(self.names, sums)
+        }
+
+
 def kmeans(features: Tensor, k: int, iters: int = 20) -> tuple[Tensor, Tensor]:
     """Spherical k-means of one image's features, deterministic (no random draw).
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from spatialmerge.data.coco import PROMPTS, CocoInstances, Prompt, collate_list
-from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
+from spatialmerge.distributed import all_reduce_sum, shard_indices
+from spatialmerge.evaluators.base import DatasetEvaluator
 from spatialmerge.evaluators.metrics import MeanIoU, beside_baseline, mask_iou
 from spatialmerge.evaluators.prompting import PromptPredictor
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 
-class MIoUEvaluator:
+class MIoUEvaluator(DatasetEvaluator):
     """Mean IoU of SAM's (or SAM 2's) masks against COCO instance masks, from box or point prompts.
 
     Args:
@@ -56,17 +56,8 @@ class MIoUEvaluator:
                 f"evaluator.miou.prompt={prompt!r} is not one of {PROMPTS}; set "
                 "evaluator.miou.prompt=box or evaluator.miou.prompt=point"
             )
-        if max_images is not None and max_images < 1:
-            raise ValueError(
-                f"evaluator.miou.max_images={max_images} must be >= 1; use "
-                "evaluator.miou.max_images=null for all images"
-            )
-        if num_workers < 0:
-            raise ValueError(f"evaluator.miou.num_workers={num_workers} must be >= 0")
+        super().__init__(max_images, num_workers, progress, config_key="evaluator.miou")
         self.prompt = prompt
-        self.max_images = max_images
-        self.num_workers = num_workers
-        self.progress = progress
         self.baseline = baseline
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
@@ -95,15 +86,14 @@ class MIoUEvaluator:
             )
         sam.to(device).eval()
         predictor = PromptPredictor(sam)
-        count = len(dataset) if self.max_images is None else min(self.max_images, len(dataset))
+        count = self.image_count(len(dataset))
         shard = Subset(dataset, shard_indices(count))
         loader = DataLoader(
             shard, batch_size=1, num_workers=self.num_workers, collate_fn=collate_list
         )
         meter = MeanIoU()
-        bar = tqdm(loader, desc="COCO mIoU", unit="img", disable=not (self.progress and is_main()))
         with torch.inference_mode():
-            for (item,) in bar:
+            for (item,) in self.bar(loader, "COCO mIoU", "img"):
                 masks = self.predict_masks(predictor, item["image"], item["prompts"])
                 gt = torch.from_numpy(item["masks"]).to(masks.device)  # (K, H, W)
                 meter.update(mask_iou(masks, gt))

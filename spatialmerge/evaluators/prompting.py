@@ -12,36 +12,21 @@ from typing import Any
 import numpy as np
 import torch
 from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
-from spatialmerge.adapters.hiera import is_sam2
-
-
-def is_promptable(model: nn.Module) -> bool:
-    """Whether ``model`` is a whole SAM or SAM 2 (image encoder, prompt encoder, mask decoder)."""
-    return isinstance(model, Sam) or is_sam2(model)
+from spatialmerge.adapters import find_adapter
 
 
 class PromptPredictor:
     """Masks for a batch of box or point prompts on one image, from a SAM or SAM 2 model.
 
     Args:
-        model: a segment-anything ``Sam`` or a sam2 ``SAM2Base`` (patched or not).
+        model: a segment-anything ``Sam`` or a sam2 ``SAM2Base`` (patched or not); its adapter
+            supplies the family's own predictor, whose two call conventions this class hides.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if isinstance(model, Sam):
-            self.predictor: Any = SamPredictor(model)
-        elif is_sam2(model):
-            from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-            self.predictor = SAM2ImagePredictor(model)
-        else:
-            raise TypeError(
-                f"{type(model).__module__}.{type(model).__qualname__} takes no prompts; the "
-                "mask protocols need a whole segment-anything Sam or sam2 SAM2Base"
-            )
+        self.predictor: Any = find_adapter(model).prompt_predictor(model)
         self.size: tuple[int, int] = (0, 0)
 
     @property

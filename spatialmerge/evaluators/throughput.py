@@ -22,44 +22,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import spatialmerge
-from spatialmerge.adapters import patch_state
+from spatialmerge.adapters import find_adapter, patch_state
 from spatialmerge.evaluators.timing import host_load, machine_load, summarise_rounds
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: SAM encoders' ``img_size``, SAM 2's ``image_size``, a
-    transformers model's ``config.image_size``, timm's pretrained config."""
-    encoder = getattr(model, "image_encoder", model)
-    if hasattr(encoder, "img_size") and isinstance(encoder.img_size, int):
-        return 3, encoder.img_size, encoder.img_size
-    if isinstance(getattr(model, "image_size", None), int):  # sam2 SAM2Base: a square input
-        return 3, model.image_size, model.image_size
-    encoder = getattr(model, "vision_encoder", model)  # transformers SamModel
-    hf_size = getattr(getattr(encoder, "config", None), "image_size", None)  # transformers models
-    if isinstance(hf_size, int):
-        return 3, hf_size, hf_size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
-        h, w = patch_embed.img_size
-        return 3, int(h), int(w)
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])  # type: ignore[return-value]
-    raise ValueError(
-        f"cannot tell the input size of {type(model).__name__}; pass image_size=... to the "
-        "throughput evaluator"
-    )
-
-
-def timed_module(model: nn.Module) -> nn.Module:
-    """The part whose speed merging changes: SAM's image encoder (transformers SAM: its vision
-    encoder), else the whole model."""
-    return getattr(model, "image_encoder", None) or getattr(model, "vision_encoder", model)
 
 
 def count_flops(module: nn.Module, x: Tensor) -> int:
@@ -189,7 +158,8 @@ class ThroughputEvaluator:
             )
         model = model.eval().to(device)
         spatialmerge.unpatch(model)
-        channels, h, w = input_size(model)
+        adapter = find_adapter(model)
+        channels, h, w = adapter.input_size(model)
         if self.image_size is not None:
             h = w = self.image_size
         shape = (self.batch_size, channels, h, w)
@@ -198,11 +168,11 @@ class ThroughputEvaluator:
         def make_input() -> Tensor:
             return torch.randn(shape, generator=generator).to(device)
 
-        variants = [Variant("baseline", timed_module(model), [])]
+        variants = [Variant("baseline", adapter.timed_module(model), [])]
         for name, options in merges.items():
             merged = copy.deepcopy(model)
             spatialmerge.patch(merged, **dict(options))
-            variants.append(Variant(name, timed_module(merged), []))
+            variants.append(Variant(name, adapter.timed_module(merged), []))
         probe = make_input()
         for variant in variants:
             variant.flops = count_flops(variant.module, probe)

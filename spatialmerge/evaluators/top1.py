@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
-from spatialmerge.data.imagenet import eval_transform
-from spatialmerge.distributed import all_reduce_sum, is_main, shard_indices
+from spatialmerge.adapters import find_adapter
+from spatialmerge.distributed import all_reduce_sum, shard_indices
+from spatialmerge.evaluators.base import DatasetEvaluator
 from spatialmerge.evaluators.metrics import Accuracy, beside_baseline
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
 
 
-class Top1Evaluator:
+class Top1Evaluator(DatasetEvaluator):
     """Top-k accuracy of `model` over a dataset of (image (3, H, W) tensor, label) pairs.
 
     Args:
@@ -45,15 +45,13 @@ class Top1Evaluator:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"evaluator.top1.batch_size={batch_size} must be >= 1")
-        if num_workers < 0:
-            raise ValueError(f"evaluator.top1.num_workers={num_workers} must be >= 0")
+        # every image of the split: ImageNet's protocol (``max_images`` is not one of its options)
+        super().__init__(None, num_workers, progress, config_key="evaluator.top1")
         if not ks or min(ks) < 1:
             raise ValueError(
                 f"evaluator.top1.ks={list(ks)} must be non-empty positive ints, e.g. [1,5]"
             )
         self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.progress = progress
         self.ks = tuple(ks)
         self.baseline = baseline
 
@@ -62,7 +60,7 @@ class Top1Evaluator:
         model's own timm evaluation transform, and with ``baseline`` the unmerged one on the
         same images (``unmerged_top1``, ``delta_top1``, ... beside ``top1``)."""
         model = ctx.merged_model()
-        dataset = ctx.dataset(transform=eval_transform(model))
+        dataset = ctx.dataset(transform=find_adapter(model).eval_transform(model))
         merged = self.evaluate(model, dataset, ctx.device)
         if not self.baseline or ctx.merge is None:
             return merged
@@ -87,9 +85,8 @@ class Top1Evaluator:
             pin_memory=device.type == "cuda",
         )
         meter = Accuracy(self.ks)
-        bar = tqdm(loader, desc="top-1", unit="batch", disable=not (self.progress and is_main()))
         with torch.inference_mode():
-            for images, target in bar:
+            for images, target in self.bar(loader, "top-1", "batch"):
                 logits = model(images.to(device, non_blocking=True))  # (B, classes)
                 if not isinstance(logits, Tensor):
                     raise TypeError(

@@ -18,13 +18,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
 import spatialmerge
-from spatialmerge.adapters.hiera import is_sam2
-from spatialmerge.evaluators.fidelity import dense_features, fidelity_map
-from spatialmerge.evaluators.throughput import input_size
+from spatialmerge.adapters import find_adapter
+from spatialmerge.evaluators.fidelity import fidelity_map
 from spatialmerge.reporting.table import method_label
 
 # Merged cells are tinted and outlined; a patch left on its own keeps the image visible.
@@ -138,29 +136,11 @@ def prepare_image(model: nn.Module, image: Image.Image) -> tuple[np.ndarray, Ten
     Returns the resized (H_img, W_img, 3) uint8 pixels (what the pictures are drawn over) and the
     (1, 3, H_img, W_img) float input.
     """
-    _, h, w = input_size(model)
+    adapter = find_adapter(model)
+    _, h, w = adapter.input_size(model)
     pixels = np.asarray(image.convert("RGB").resize((w, h), Image.BICUBIC))  # (H_img, W_img, 3)
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None]  # (1, 3, H_img, W_img)
-    if isinstance(model, Sam):
-        x = (x - model.pixel_mean.cpu()) / model.pixel_std.cpu()  # as Sam.preprocess
-    else:  # timm's pretrained config; SAM 2 (no config) normalises with these ImageNet defaults too
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
-        x = (x / 255.0 - mean) / std
-    return pixels, x
-
-
-def encoder_features(model: nn.Module, x: Tensor) -> Tensor:
-    """The dense output merging is recovered for: SAM's image embedding, SAM 2's (the FPN level
-    of Hiera's third stage), a timm backbone's patch features as a grid.
-    (1, 3, H_img, W_img) -> (1, C, H, W)."""
-    with torch.inference_mode():
-        if isinstance(model, Sam):
-            return model.image_encoder(x)
-        if is_sam2(model):
-            return model.image_encoder(x)["vision_features"]
-        return dense_features(model, x)[0]
+    return pixels, adapter.normalize_pixels(model, x)
 
 
 def cell_map(model: nn.Module, x: Tensor, merge: Mapping[str, Any]) -> CellMap:
@@ -168,7 +148,8 @@ def cell_map(model: nn.Module, x: Tensor, merge: Mapping[str, Any]) -> CellMap:
     and read the patch -> token map back; the model is unpatched afterwards."""
     spatialmerge.patch(model, **{**merge, "recover": True})
     try:
-        features = encoder_features(model, x)
+        with torch.inference_mode():
+            features, _ = find_adapter(model).dense_features(model, x)  # (1, C, H, W)
         state = spatialmerge.patch_state(model)
         if state is None or state.last_assignment is None:
             raise ValueError(
@@ -269,7 +250,8 @@ def merge_figure(
     titles = [[f"{m.method}: {m.tokens} tokens ({100 * m.tokens / full:.0f}% of {full})" for m in maps]]
     colorbar = None
     if fidelity:
-        reference = encoder_features(model, x)
+        with torch.inference_mode():
+            reference, _ = find_adapter(model).dense_features(model, x)  # (1, C, H, W)
         heat = [fidelity_map(reference, m.features)[0].cpu().numpy() for m in maps]  # (H, W) each
         vmin = min(float(h.min()) for h in heat)
         vmin = min(vmin, 0.999)  # a lossless merge still gets a readable scale

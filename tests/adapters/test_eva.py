@@ -8,7 +8,8 @@ import torch
 
 import spatialmerge
 import spatialmerge.adapters.eva  # noqa: F401  (registers the Eva adapter)
-from spatialmerge.adapters.eva import TimmEvaAdapter, centroid_coords, grid_coords, rope_from_coords
+from spatialmerge.adapters.eva import TimmEvaAdapter, grid_coords, rope_from_coords
+from spatialmerge.adapters.loops import centroid_coords
 from spatialmerge.merging import cubist_merge
 
 PREFIX = 5  # CLS + 4 registers

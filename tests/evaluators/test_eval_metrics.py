@@ -7,7 +7,7 @@ import torch
 
 from spatialmerge.distributed import all_reduce_sum
 from spatialmerge.evaluators import Accuracy, MeanIoU, mask_iou, topk_correct
-from spatialmerge.evaluators.metrics import beside_baseline, kmeans, segment_agreement
+from spatialmerge.evaluators.metrics import Means, beside_baseline, kmeans, segment_agreement
 
 
 def _rect(rows: slice, cols: slice, size: tuple[int, int] = (4, 5)) -> torch.Tensor:
@@ -366,3 +366,33 @@ def test_beside_baseline_adds_the_unmerged_value_and_the_difference() -> None:
     assert out == {"top1": 70.0, "top5": 90.0, "images": 10, "unmerged_top1": 75.5, "unmerged_top5": 89.0,
                    "delta_top1": 70.0 - 75.5, "delta_top5": 90.0 - 89.0}
     assert merged == {"top1": 70.0, "top5": 90.0, "images": 10}  # the input is not modified
+
+
+def test_means_are_per_item_in_the_order_of_first_appearance_with_percent_names() -> None:
+    means = Means(percent=["agreement"])
+    means.update({"cosine": torch.tensor(1.5), "agreement": torch.tensor(2.0)}, count=2)
+    means.update({"cosine": 0.5, "agreement": 1.0, "kl": 0.25}, count=2)
+    # cosine (1.5 + 0.5) / 4, agreement 100 * 3 / 4, kl only added by the second update: 0.25 / 4
+    assert means.compute() == {"cosine": 0.5, "agreement": 75.0, "kl": 0.0625}
+    assert list(means.compute()) == means.names == ["cosine", "agreement", "kl"]
+
+
+def test_means_shards_merge_into_the_single_process_result() -> None:
+    batches = [({"kl": 0.3, "top1": 2.0}, 2), ({"kl": 0.1, "top1": 1.0}, 1), ({"kl": 0.6, "top1": 0.0}, 3)]
+    whole = Means(percent=["top1"])
+    shards = [Means(percent=["top1"]), Means(percent=["top1"])]
+    for i, (sums, count) in enumerate(batches):
+        whole.update(sums, count)
+        shards[i % 2].update(sums, count)
+    total = Means(whole.names, percent=["top1"])
+    for shard in shards:
+        total.merge(all_reduce_sum(shard.state()))
+    assert total.compute() == pytest.approx(whole.compute(), rel=1e-15)
+    assert whole.state().dtype == torch.float64 and whole.state().tolist()[-1] == 6
+
+
+def test_means_refuse_empty_input_and_a_state_of_other_metrics() -> None:
+    with pytest.raises(ValueError, match="call update"):
+        Means(["kl"]).compute()
+    with pytest.raises(ValueError, match=r"state must have shape \(2,\)"):
+        Means(["kl"]).merge(torch.zeros(3, dtype=torch.float64))
