@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spatialmerge.data.photos import PHOTOS, skimage_data_dir  # noqa: E402
-from spatialmerge.pipeline import instantiate, merge_options, model_default_loc, with_backbone_defaults  # noqa: E402
+from spatialmerge.pipeline import instantiate, resolve_merge  # noqa: E402
 from spatialmerge.reporting.pictures import merge_figure  # noqa: E402
-from spatialmerge.reporting.table import schedule_text  # noqa: E402
+from spatialmerge.adapters.schedule import schedule_text  # noqa: E402
 
 DEFAULT_METHODS = ("cubist", "tome", "expedite")
 
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         image = Image.open(args.image)
         torch.manual_seed(cfg.seed)  # the same random weights, and so the same picture, every time
         model = instantiate(cfg.model).to(cfg.device)
-        default_loc = model_default_loc(model)
-        merges = [with_backbone_defaults(model, merge_options(method_cfg, default_loc)) for method_cfg in method_cfgs]
+        merges = [resolve_merge(model, method_cfg).options for method_cfg in method_cfgs]
         schedule = merges[0]
         random = cfg.model.get("checkpoint") is None
         weights = "random weights: the mechanics only" if random else "trained weights"

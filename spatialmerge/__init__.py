@@ -3,6 +3,7 @@
     import spatialmerge
     spatialmerge.patch(model, "cubist", loc=3, r_h=8, r_w=8)
     spatialmerge.describe_schedule(model, "cubist", loc=3, ratio=0.125)  # what that resolves to
+    spatialmerge.resolve_schedule(model, "cubist", ratio=0.125).label()  # 'cubist loc=3 ratio=0.125'
     spatialmerge.patch_state(model).last_assignment  # after a forward: which cell went where
     spatialmerge.unpatch(model)
 """
@@ -11,7 +12,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from spatialmerge.adapters import MergeConfig, Stage, describe_schedule, patch, patch_state, unpatch
+from spatialmerge.adapters import (
+    MergeConfig,
+    Schedule,
+    Stage,
+    describe_schedule,
+    label,
+    patch,
+    patch_state,
+    resolve_schedule,
+    unpatch,
+)
 
 
 def project_root() -> str:
@@ -28,5 +39,6 @@ OmegaConf.register_new_resolver("project_root", project_root, replace=True)
 __version__ = "0.1.0"
 
 __all__ = [
-    "MergeConfig", "Stage", "describe_schedule", "patch", "patch_state", "project_root", "unpatch", "__version__",
+    "MergeConfig", "Schedule", "Stage", "describe_schedule", "label", "patch", "patch_state", "project_root",
+    "resolve_schedule", "unpatch", "__version__",
 ]

@@ -23,8 +23,9 @@ from spatialmerge.models import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
 )
-from spatialmerge.pipeline import format_summary, instantiate, record
-from spatialmerge.reporting.table import method_label, schedule_text
+from spatialmerge.adapters.schedule import label
+from spatialmerge.pipeline import instantiate, record
+from spatialmerge.reporting.summary import format_summary
 from spatialmerge.results import RESULTS_FILE
 
 # Mistakes a user can fix from the message alone: no traceback for these.
@@ -49,13 +50,17 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def run_name(cfg: DictConfig) -> str:
-    """A short, readable run name: model, method (with its variant) and schedule."""
-    merge = OmegaConf.to_container(cfg.merge, resolve=True) if "merge" in cfg else None
-    parts = [str(cfg.model.get("name")), method_label(merge), schedule_text(merge)]
+def run_name(cfg: DictConfig, merge: Mapping[str, Any] | None = None) -> str:
+    """A short, readable run name: model and the merge's label (method, variants, schedule).
+
+    ``merge`` is what ran (results.json's resolved ``merge``); without it, the request in
+    ``cfg.merge`` names the run until the job has resolved it (``loc=auto``)."""
+    if merge is None and "merge" in cfg:
+        merge = OmegaConf.to_container(cfg.merge, resolve=True)
+    parts = [str(cfg.model.get("name")), label(merge)]
     if cfg.task_name not in ("eval",):
         parts.insert(0, str(cfg.task_name))
-    return " ".join(part for part in parts if part and part != "-")
+    return " ".join(part for part in parts if part)
 
 
 def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,6 +148,8 @@ def run_job(
         if distributed.is_main():
             payload = record(run_dir, cfg, outcome, status, error, started)
             if logger is not None:
+                if payload.get("merge") is not None:  # the name of what ran, loc resolved
+                    logger.rename(run_name(cfg, payload["merge"]))
                 if payload.get("schedule") is not None:
                     logger.update_config({"schedule": payload["schedule"]})
                 logger.summary({"status": status, **summary_metrics(payload["metrics"])})

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -20,8 +21,9 @@ from torch import nn
 
 import spatialmerge
 from spatialmerge import distributed
-from spatialmerge.adapters import find_adapter
-from spatialmerge.adapters.config import VARIANT_DEFAULTS, default_prop_attn
+from spatialmerge.adapters.config import merge_options
+from spatialmerge.adapters.registry import resolve_schedule
+from spatialmerge.adapters.schedule import Schedule
 from spatialmerge.models import model_info
 from spatialmerge.results import RESULTS_FILE, environment, write_json_atomic
 
@@ -46,68 +48,24 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def model_default_loc(model: nn.Module) -> int:
-    """The block a single merge goes before when ``merge.loc`` is null: a quarter of the depth
-    (Hiera: the start of its third stage)."""
-    adapter = find_adapter(model)
-    return adapter.default_loc(adapter.target(model))
-
-
-def merge_options(merge: Mapping[str, Any], default_loc: int) -> dict[str, Any] | None:
-    """Turn a ``merge`` config into ``spatialmerge.patch`` keyword arguments.
-
-    Precedence, so sweeps can set every key for every method: ``r`` (per-layer ToMe) >
-    ``stages`` > ``r_h``/``r_w`` > ``ratio``; ``loc: null`` means ``default_loc``
-    (:func:`model_default_loc`). Returns None for ``method: none``.
-    """
-    options = dict(OmegaConf.to_container(OmegaConf.create(dict(merge)), resolve=True))
-    method = options.pop("method")
-    if method == "none":
-        return None
-    schedule_keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
-    schedule = {k: options.pop(k, None) for k in schedule_keys}
-    if schedule["r"] is not None:
-        # ratio is every tome config's default; an explicit grid schedule beside r is a config
-        # that would not run as written
-        clash = [k for k in ("loc", "r_h", "r_w", "stages") if schedule[k] not in (None, [], ())]
-        if clash:
-            raise ValueError(
-                f"merge.r={schedule['r']} is per-layer ToMe, which has no grid schedule, but "
-                f"{', '.join(f'merge.{k}={schedule[k]}' for k in clash)} "
-                f"{'is' if len(clash) == 1 else 'are'} set too; unset "
-                f"{'it' if len(clash) == 1 else 'them'} ({' '.join(f'merge.{k}=null' for k in clash)}) "
-                "or drop merge.r for single-layer ToMe on the grid"
-            )
-        chosen: dict[str, Any] = {"r": schedule["r"]}
-    elif schedule["stages"]:
-        chosen = {"stages": schedule["stages"]}
-    else:
-        loc = schedule["loc"] if schedule["loc"] is not None else default_loc
-        if schedule["r_h"] is not None or schedule["r_w"] is not None:
-            chosen = {"loc": loc, "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
-        else:
-            chosen = {"loc": loc, "ratio": schedule["ratio"]}
-    # what runs, not only what was asked: null is the method's own default
-    if options.get("prop_attn") is None:
-        options["prop_attn"] = default_prop_attn(method, "r" in chosen)
-    return {"method": method, **chosen, **options}
-
-
-def with_backbone_defaults(model: nn.Module, merge: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``merge`` with the Expedite options it leaves unset filled in from the backbone's reference
-    settings, so a record (or a picture's title) says what runs, not only what was asked."""
-    if merge is None or merge["method"] != "expedite":
-        return merge
-    defaults = find_adapter(model).expedite_defaults
-    return {**merge, **{k: v for k, v in defaults.items() if merge.get(k) is None}}
+def resolve_merge(model: nn.Module, merge: Mapping[str, Any]) -> Schedule | None:
+    """A ``merge`` config resolved on ``model``: what eval, train, search and pictures run and
+    record. None for ``method: none``."""
+    request = merge_options(merge)
+    return None if request is None else resolve_schedule(model, **request)
 
 
 @dataclass
 class EvalContext:
     """Everything an evaluator may need; the dataset is built on first use only.
 
+    The context hands out models and never changes one an evaluator holds: ``unmerged_model``
+    is the model without any patch, ``merged_model`` a patched copy of it (built once), so an
+    evaluator may keep both side by side.
+
     Attributes:
-        model: the unmerged model.
+        model: the model to evaluate (a patch it carries, e.g. from fine-tuning with merging,
+            is taken off: ``merge`` says what the merged copy runs).
         merge: ``patch`` keyword arguments, or None for the unmerged baseline.
         device: where to run.
         dataset_factory: builds the configured dataset; takes ``transform`` for ImageNet.
@@ -118,6 +76,10 @@ class EvalContext:
     device: str
     dataset_factory: Callable[..., Any] | None = None
     _dataset: Any = field(default=None, repr=False)
+    _merged: nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        spatialmerge.unpatch(self.model)
 
     def dataset(self, transform: Callable[..., Any] | None = None) -> Any:
         """The configured dataset, built once; ``transform`` (e.g. the model's own eval
@@ -133,14 +95,16 @@ class EvalContext:
 
     def unmerged_model(self) -> nn.Module:
         """The model without any merge: the reference an accuracy is reported beside."""
-        return spatialmerge.unpatch(self.model)
+        return self.model
 
     def merged_model(self) -> nn.Module:
-        """The model with the configured merge applied (unmerged when ``merge`` is None)."""
-        spatialmerge.unpatch(self.model)
-        if self.merge is not None:
-            spatialmerge.patch(self.model, **self.merge)
-        return self.model
+        """The model with the configured merge applied: a patched copy, built on first use (the
+        unmerged model itself when ``merge`` is None)."""
+        if self.merge is None:
+            return self.model
+        if self._merged is None:
+            self._merged = spatialmerge.patch(copy.deepcopy(self.model), **self.merge)
+        return self._merged
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
@@ -151,10 +115,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     distributed.resolve_device(str(cfg.device))  # before seconds go into building a model
     torch.manual_seed(cfg.seed)
     model: nn.Module = instantiate(cfg.model)
-    merge = with_backbone_defaults(model, merge_options(cfg.merge, model_default_loc(model)))
     # what the merge resolves to on this model (loc, rows and columns, grids, tokens), checked
     # before any evaluator spends time
-    schedule = None if merge is None else spatialmerge.describe_schedule(model, **merge)
+    schedule = resolve_merge(model, cfg.merge)
+    merge = None if schedule is None else schedule.options
     notes: list[str] = []
     evaluators = dict(cfg.evaluator)
     if cfg.model.get("checkpoint") is None:
@@ -171,21 +135,29 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             f"(model={cfg.model.name} model.checkpoint=/path/to/{info.checkpoint_file})"
         )
     ctx = EvalContext(model, merge, str(cfg.device), instantiate(cfg.dataset) if "dataset" in cfg else None)
-    return {"merge": merge, "schedule": schedule, "metrics": run_evaluators(cfg, ctx), "notes": notes}
+    described = None if schedule is None else schedule.describe()
+    return {"merge": merge, "schedule": described, "metrics": run_evaluators(cfg, ctx), "notes": notes}
 
 
-def run_evaluators(cfg: DictConfig, ctx: EvalContext) -> dict[str, Any]:
-    """Every evaluator of ``cfg.evaluator`` on ``ctx``, in order: ``{name: metrics}``, each
-    with the seconds it took."""
-    metrics: dict[str, Any] = {}
+def run_evaluators(
+    cfg: DictConfig, ctx: EvalContext, suffix: str = "", timing: bool = True, into: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every evaluator of ``cfg.evaluator`` on ``ctx``, in order: ``{name + suffix: metrics}``,
+    each with the seconds it took, for eval, train and search alike.
+
+    Throughput runs on rank 0 only (timing is per device) and not at all with ``timing=False``
+    (e.g. a second set of weights of the same model: timing does not depend on weights).
+    ``into`` collects the metrics as they finish, so a caller keeps what was measured before an
+    evaluator failed."""
+    metrics: dict[str, Any] = {} if into is None else into
     for name, evaluator_cfg in dict(cfg.evaluator).items():
+        if name == "throughput" and (not timing or not distributed.is_main()):
+            continue
         evaluator = instantiate(evaluator_cfg)
-        if name == "throughput" and not distributed.is_main():
-            continue  # timing is per device; rank 0's is the one reported
-        log.info("running evaluator %s", name)
+        log.info("running evaluator %s%s", name, suffix)
         start = time.perf_counter()
-        metrics[name] = evaluator.run(ctx)
-        metrics[name]["seconds"] = time.perf_counter() - start
+        metrics[name + suffix] = evaluator.run(ctx)
+        metrics[name + suffix]["seconds"] = time.perf_counter() - start
     return metrics
 
 
@@ -213,68 +185,3 @@ def record(
     }
     write_json_atomic(Path(run_dir) / RESULTS_FILE, payload)
     return payload
-
-
-def format_summary(payload: Mapping[str, Any]) -> str:
-    """A readable text table of a run's results, for the terminal."""
-    lines = [f"model: {payload['model']}   merge: {_merge_text(payload['merge'])}"]
-    schedule = payload.get("schedule") or {}
-    for stage in schedule.get("stages", []):
-        lines.append(
-            f"  ran: before block {stage['loc']} {stage['grid_in'][0]}x{stage['grid_in'][1]} -> "
-            f"{stage['grid_out'][0]}x{stage['grid_out'][1]} (r_h={stage['r_h']}, r_w={stage['r_w']})"
-        )
-    metrics = payload["metrics"]
-    speed = metrics.get("throughput")
-    if speed:
-        setup = speed["setup"]
-        lines.append(
-            f"throughput ({setup['device']}, {setup['dtype']}, batch {setup['batch_size']}, "
-            f"{setup['iters']} rounds; img/s: median round, speed-up: median of per-round ratios):"
-        )
-        header = (
-            f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} "
-            f"{'(IQR over rounds)':>18} {'FLOP-ideal':>11}"
-        )
-        lines.append(header)
-        noisy = []
-        for name, row in speed.items():
-            if name in ("setup", "seconds"):
-                continue
-            tokens = "-" if row["tokens"] is None else str(row["tokens"])
-            spread = f"{row['speedup_q1']:.2f}-{row['speedup_q3']:.2f}" if "speedup_q1" in row else "-"
-            lines.append(
-                f"  {name:<10} {tokens:>7} {row['gflops']:>9.1f} {row['img_s']:>9.3f} "
-                f"{row['speedup']:>8.2f}x {spread:>18} {row['flop_speedup']:>10.2f}x"
-                + ("  noisy" if row.get("noisy") else "")
-            )
-            if row.get("noisy"):
-                noisy.append(f"{name}: {'; '.join(row.get('noise') or ['spread'])}")
-        for text in noisy:
-            lines.append(
-                f"  warning: noisy timing, {text}; time on an idle machine or raise "
-                "evaluator.throughput.iters (the FLOP-ideal column does not depend on the machine)"
-            )
-    for name, values in metrics.items():
-        if name == "throughput":
-            continue
-        shown = ", ".join(  # lists (e.g. skipped file names) stay in results.json
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in values.items()
-            if k != "seconds" and not isinstance(v, list)
-        )
-        lines.append(f"{name}: {shown}")
-    lines.extend(f"note: {note}" for note in payload.get("notes", []))
-    return "\n".join(lines)
-
-
-def _merge_text(merge: Mapping[str, Any] | None) -> str:
-    if merge is None:
-        return "none"
-    keys = ("loc", "ratio", "r_h", "r_w", "stages", "r")
-    text = merge["method"] + " " + " ".join(f"{k}={merge[k]}" for k in keys if merge.get(k) is not None)
-    # the variants that change what ran, where they are not the defaults
-    text += "".join(
-        f" {k}={merge[k]}" for k, default in VARIANT_DEFAULTS.items() if merge.get(k) not in (None, default)
-    )
-    return text + (" prop_attn" if merge.get("prop_attn") else "")

@@ -30,10 +30,10 @@ from torch import nn
 
 import spatialmerge
 from spatialmerge.adapters import find_adapter
-from spatialmerge.adapters.config import VARIANT_DEFAULTS
+from spatialmerge.adapters.registry import resolve_schedule
+from spatialmerge.adapters.schedule import label, schedule_text, variant_parts
 from spatialmerge.evaluators.timing import speedup_text
-from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators, with_backbone_defaults
-from spatialmerge.reporting.table import schedule_text
+from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators
 from spatialmerge.results import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 STUDY_FILE = "study.db"
 # what each trial keeps of its timing row, beside the speed-up itself
 TIMING_KEYS = ("speedup_q1", "speedup_q3", "noisy", "noise", "flop_speedup")
+# the methods with a search space (oracle and pool are references, not candidates)
 SEARCH_METHODS = ("cubist", "tome", "expedite")
 # The quality each evaluator's metrics offer, in the order a search prefers them.
 QUALITY_KEYS = (
@@ -255,14 +256,17 @@ class ScheduleSearch:
         adapter = find_adapter(model)
         target = adapter.target(model)
         merge = suggest_merge(trial, self.space, adapter.depth(target), adapter.window(target) is not None)
-        merge = with_backbone_defaults(model, merge)
-        trial.set_user_attr("merge", merge)
-        trial.set_user_attr("schedule", schedule_text(merge))
         try:
-            schedule = spatialmerge.describe_schedule(model, **merge)
+            resolved = resolve_schedule(model, **merge)
         except ValueError as err:  # a schedule this backbone cannot run: pruned, with the reason
+            trial.set_user_attr("merge", merge)
+            trial.set_user_attr("schedule", schedule_text(merge))
             trial.set_user_attr("invalid", str(err))
             raise optuna.TrialPruned(str(err)) from None
+        merge = resolved.options
+        trial.set_user_attr("merge", merge)
+        trial.set_user_attr("schedule", schedule_text(merge))
+        schedule = resolved.describe()
         run_dir = self.directory / "trials" / str(trial.number)
         cfg = self._trial_config(merge)
         started = time.time()
@@ -284,8 +288,7 @@ class ScheduleSearch:
         key, quality = quality_of(metrics, self.quality)
         trial.set_user_attr("quality_key", key)
         trial.set_user_attr("tokens_out", schedule.get("tokens_out"))
-        log.info("trial %d: %s %s -> %.2fx, %s %.4f", trial.number, merge["method"], schedule_text(merge),
-                 speedup, key, quality)
+        log.info("trial %d: %s -> %.2fx, %s %.4f", trial.number, label(merge), speedup, key, quality)
         return speedup, quality
 
     def _trial_config(self, merge: Mapping[str, Any]) -> DictConfig:
@@ -453,11 +456,6 @@ def front_table(result: SearchResult) -> str:
 
 
 def variant_text(merge: Mapping[str, Any]) -> str:
-    """The searched options of a merge that are not its method's defaults, or "-"."""
-    parts = [f"{key}={merge[key]}" for key, default in VARIANT_DEFAULTS.items()
-             if merge.get(key) not in (None, default)]
-    if merge.get("method") == "expedite":
-        parts.append(f"t={merge.get('temperature')}")
-    if merge.get("prop_attn"):
-        parts.append("prop_attn")
-    return " ".join(parts) or "-"
+    """The searched options of a merge that are not its method's defaults, or "-": the
+    variants of its label."""
+    return ", ".join(variant_parts(merge)) or "-"

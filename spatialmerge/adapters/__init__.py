@@ -13,21 +13,26 @@ from spatialmerge.adapters.registry import (
     find_adapter,
     patch,
     patch_state,
+    resolve_schedule,
     supported_types,
     unpatch,
 )
 from spatialmerge.adapters.runtime import GridRun, PatchState
+from spatialmerge.adapters.schedule import Schedule, label
 
 __all__ = [
     "Adapter",
     "GridRun",
     "MergeConfig",
     "PatchState",
+    "Schedule",
     "Stage",
     "describe_schedule",
     "find_adapter",
+    "label",
     "patch",
     "patch_state",
+    "resolve_schedule",
     "supported_types",
     "unpatch",
 ]

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from omegaconf import OmegaConf
 
 from spatialmerge.merging.cubist import (
     COLLISION_RULES,
     REDUCE_RULES,
+    check_choice,
     check_ratio,
     ratio_to_r,
     window_aligned_r,
 )
 from spatialmerge.merging.expedite import RECONSTRUCT_RULES
+from spatialmerge.merging.grid import GRID_METHODS
 from spatialmerge.merging.tome import parse_r
 
-METHODS: tuple[str, ...] = ("none", "cubist", "tome", "expedite", "oracle", "pool")
+METHODS: tuple[str, ...] = ("none", *GRID_METHODS)
 EXPEDITE_KEYS: tuple[str, ...] = (
     "n_iters", "temperature", "window_size", "k", "reconstruct", "windowed"
 )
 METRICS: tuple[str, ...] = ("tokens", "keys", "normed")
 POSITIONS: tuple[str, ...] = ("grid", "centroid")
 ALIGNS: tuple[str, ...] = ("none", "window")
-# The variant options whose default is the paper's method: a label names them only when changed.
-VARIANT_DEFAULTS: dict[str, str] = {"reduce": "maxmag", "metric": "tokens", "align": "none"}
+SCHEDULE_KEYS: tuple[str, ...] = ("loc", "ratio", "r_h", "r_w", "stages", "r")
 
 
 def default_prop_attn(method: str, per_layer: bool) -> bool:
@@ -33,9 +36,53 @@ def default_prop_attn(method: str, per_layer: bool) -> bool:
     return method == "tome" and per_layer
 
 
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(valid)}")
+def with_default_loc(options: Mapping[str, Any], loc: int) -> dict[str, Any]:
+    """``options`` with ``loc`` filled in where a single grid merge (a ratio or r_h / r_w, no
+    stages, no per-layer r) leaves it out or None: the meaning of the configs' ``loc: null``."""
+    single = any(options.get(k) is not None for k in ("ratio", "r_h", "r_w"))
+    if options.get("loc") is None and single and not options.get("stages") and options.get("r") is None:
+        return {**options, "loc": loc}
+    return dict(options)
+
+
+def merge_options(merge: Mapping[str, Any], default_loc: int | None = None) -> dict[str, Any] | None:
+    """A ``merge`` config -> ``spatialmerge.patch`` keyword arguments; None for ``method: none``.
+
+    Precedence, so sweeps can set every key for every method: ``r`` (per-layer ToMe) >
+    ``stages`` > ``r_h``/``r_w`` > ``ratio``. ``loc: null`` stays None (``patch`` resolves it
+    against the backbone) unless ``default_loc`` is given; ``prop_attn: null`` becomes the
+    method's own default.
+    """
+    options = dict(OmegaConf.to_container(OmegaConf.create(dict(merge)), resolve=True))
+    method = options.pop("method")
+    if method == "none":
+        return None
+    schedule = {k: options.pop(k, None) for k in SCHEDULE_KEYS}
+    if schedule["r"] is not None:
+        # ratio is every tome config's default; an explicit grid schedule beside r is a config
+        # that would not run as written
+        clash = [k for k in ("loc", "r_h", "r_w", "stages") if schedule[k] not in (None, [], ())]
+        if clash:
+            raise ValueError(
+                f"merge.r={schedule['r']} is per-layer ToMe, which has no grid schedule, but "
+                f"{', '.join(f'merge.{k}={schedule[k]}' for k in clash)} "
+                f"{'is' if len(clash) == 1 else 'are'} set too; unset "
+                f"{'it' if len(clash) == 1 else 'them'} ({' '.join(f'merge.{k}=null' for k in clash)}) "
+                "or drop merge.r for single-layer ToMe on the grid"
+            )
+        chosen: dict[str, Any] = {"r": schedule["r"]}
+    elif schedule["stages"]:
+        chosen = {"stages": schedule["stages"]}
+    elif schedule["r_h"] is not None or schedule["r_w"] is not None:
+        chosen = {"loc": schedule["loc"], "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
+    else:
+        chosen = {"loc": schedule["loc"], "ratio": schedule["ratio"]}
+    if default_loc is not None:
+        chosen = with_default_loc(chosen, default_loc)
+    # what runs, not only what was asked: null is the method's own default
+    if options.get("prop_attn") is None:
+        options["prop_attn"] = default_prop_attn(method, "r" in chosen)
+    return {"method": method, **chosen, **options}
 
 
 @dataclass(frozen=True)
@@ -176,12 +223,12 @@ class MergeConfig:
         own default: on for per-layer ToMe (as ToMe), off for every grid merge (the paper's
         CubistMerge and the baselines as published).
         """
-        _choice("method", method, METHODS)
-        _choice("align", align, ALIGNS)
-        _choice("reduce", reduce, REDUCE_RULES)
-        _choice("collisions", collisions, COLLISION_RULES)
-        _choice("metric", metric, METRICS)
-        _choice("positions", positions, POSITIONS)
+        check_choice("method", method, METHODS)
+        check_choice("align", align, ALIGNS)
+        check_choice("reduce", reduce, REDUCE_RULES)
+        check_choice("collisions", collisions, COLLISION_RULES)
+        check_choice("metric", metric, METRICS)
+        check_choice("positions", positions, POSITIONS)
         single = loc is not None or r_h is not None or r_w is not None or ratio is not None
         if stages and single:
             raise ValueError("give either stages=[...] or loc with r_h/r_w or ratio, not both")
@@ -239,7 +286,7 @@ class MergeConfig:
         )
         if method == "expedite":
             if reconstruct is not None:
-                _choice("reconstruct", reconstruct, RECONSTRUCT_RULES)
+                check_choice("reconstruct", reconstruct, RECONSTRUCT_RULES)
             if windowed is not None and not isinstance(windowed, bool):
                 raise ValueError(f"windowed={windowed!r} must be true, false or null (the backbone's default)")
         else:

@@ -14,23 +14,12 @@ from typing import Any
 from torch import nn
 
 from spatialmerge.adapters.adapter import Adapter
-from spatialmerge.adapters.config import MergeConfig
+from spatialmerge.adapters.config import MergeConfig, with_default_loc
 from spatialmerge.adapters.runtime import PatchState
-from spatialmerge.adapters.schedule import window_budget
+from spatialmerge.adapters.schedule import Schedule, resolve_stage
 from spatialmerge.merging.tome import parse_r
 
 STATE_ATTR = "_spatialmerge"
-
-
-def default_loc(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the backbone's default ``loc`` (a quarter of the depth; Hiera: the
-    start of its third stage) where a single grid merge leaves it out (or None): the same
-    default as the configs' ``loc: null``."""
-    single = any(options.get(k) is not None for k in ("ratio", "r_h", "r_w"))
-    if options.get("loc") is None and single and not options.get("stages") and options.get("r") is None:
-        adapter = find_adapter(model)
-        return {**options, "loc": adapter.default_loc(adapter.target(model))}
-    return options
 
 
 _ADAPTERS: list[Adapter] = []
@@ -97,14 +86,12 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
     See ``MergeConfig.create`` for every option.
     """
     unpatch(model)
-    adapter = find_adapter(model)
-    config = MergeConfig.create(method, **default_loc(model, options))
-    if config.method == "none":
+    schedule = resolve_schedule(model, method, **options)
+    if schedule is None:
         return model
-    config = config.with_defaults(adapter.expedite_defaults)
+    adapter = find_adapter(model)
     target = adapter.target(model)
-    adapter.check(target, config)
-    state = PatchState(config, adapter, type(target))
+    state = PatchState(schedule.config, adapter, type(target), schedule)
     target.__class__ = _patched_class(type(target), adapter)
     setattr(target, STATE_ATTR, state)
     return model
@@ -131,6 +118,37 @@ def patch_state(model: nn.Module) -> PatchState | None:
     return None
 
 
+def resolve_schedule(model: nn.Module, method: str = "cubist", **options: Any) -> Schedule | None:
+    """Validate ``patch(model, method, **options)`` once and resolve it on this backbone at its
+    own input size: the default ``loc`` (a quarter of the depth; Hiera: the start of its third
+    stage), ``prop_attn``'s default, Expedite's backbone settings, and every stage's grid.
+    None for ``method="none"``. Raises ValueError for a request this backbone cannot run."""
+    adapter = find_adapter(model)
+    target = adapter.target(model)
+    options = with_default_loc(options, adapter.default_loc(target))
+    config = MergeConfig.create(method, **options)
+    if config.method == "none":
+        return None
+    config = config.with_defaults(adapter.expedite_defaults)
+    adapter.check(target, config)
+    ran = {"method": config.method, **options, "prop_attn": config.prop_attn}
+    if config.method == "expedite":
+        ran.update(config.expedite)
+    first = config.stages[0].loc if config.stages else 0
+    hw = adapter.grid_at(model, target, first)
+    if config.per_layer:
+        r_per_block = tuple(parse_r(adapter.depth(target), config.r))
+        return Schedule(config, ran, hw, r_per_block=r_per_block)
+    stages = []
+    region = adapter.region(target, first)
+    for stage in config.stages:
+        if adapter.region(target, stage.loc) != region:  # the earlier merges were recovered
+            region, hw = adapter.region(target, stage.loc), adapter.grid_at(model, target, stage.loc)
+        stages.append(resolve_stage(config, stage, hw, adapter.window_at(target, stage.loc)))
+        hw = stages[-1].grid_out
+    return Schedule(config, ran, stages[0].grid_in, tuple(stages))
+
+
 def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) -> dict[str, Any]:
     """What ``patch(model, method, **options)`` runs at the model's own input size, resolved.
 
@@ -139,38 +157,5 @@ def describe_schedule(model: nn.Module, method: str = "cubist", **options: Any) 
     windows), and the tokens kept; for per-layer ToMe: the tokens merged in each block. This is
     what results.json records, rather than only the request (``loc: null``, ``ratio``).
     """
-    adapter = find_adapter(model)
-    target = adapter.target(model)
-    config = MergeConfig.create(method, **default_loc(model, options)).with_defaults(adapter.expedite_defaults)
-    if config.method == "none":
-        return {"method": "none"}
-    adapter.check(target, config)
-    first = config.stages[0].loc if config.stages else 0
-    hw = adapter.grid_at(model, target, first)
-    described: dict[str, Any] = {"method": config.method, "grid_in": list(hw), "tokens_in": hw[0] * hw[1]}
-    if config.per_layer:
-        schedule = parse_r(adapter.depth(target), config.r)
-        # prefix tokens are never merged, so every merge takes one patch token away
-        described.update(
-            r_per_block=schedule, tokens_out=hw[0] * hw[1] - sum(schedule), prop_attn=config.prop_attn
-        )
-        return described
-    stages = []
-    region = adapter.region(target, first)
-    for stage in config.stages:
-        if adapter.region(target, stage.loc) != region:  # the earlier merges were recovered
-            region, hw = adapter.region(target, stage.loc), adapter.grid_at(model, target, stage.loc)
-        window = adapter.window_at(target, stage.loc)
-        r_h, r_w = stage.removal(hw, window, config.align)
-        if config.windowed:
-            side = window_budget(hw, (r_h, r_w), window)
-            out = tuple(-(-size // window) * side for size in hw)
-        else:
-            out = (hw[0] - r_h, hw[1] - r_w)
-        stages.append({"loc": stage.loc, "r_h": hw[0] - out[0], "r_w": hw[1] - out[1],
-                       "grid_in": list(hw), "grid_out": list(out)})
-        hw = out
-    described.update(stages=stages, grid_out=list(hw), tokens_out=hw[0] * hw[1], prop_attn=config.prop_attn)
-    if config.method == "expedite":
-        described["expedite"] = dict(config.expedite)
-    return described
+    schedule = resolve_schedule(model, method, **options)
+    return {"method": "none"} if schedule is None else schedule.describe()

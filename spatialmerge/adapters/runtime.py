@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from spatialmerge.adapters.config import MergeConfig
-from spatialmerge.adapters.schedule import window_budget
+from spatialmerge.adapters.schedule import Schedule, resolve_stage
 from spatialmerge.merging.grid import GridRecord, reduce_grid, reduce_windows, window_partition
 
 if TYPE_CHECKING:
@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class PatchState:
-    """Lives on the patched module: the request, how to undo it, and the last run's source map."""
+    """Lives on the patched module: the request, what it resolved to on this model, how to
+    undo it, and the last run's source map."""
 
     config: MergeConfig
     adapter: Adapter
     original_class: type
+    schedule: Schedule | None = None
     last_assignment: Tensor | None = field(default=None, repr=False)
     last_hw: tuple[tuple[int, int], tuple[int, int]] | None = None
 
@@ -91,20 +93,18 @@ class GridRun:
         stage = self.stages.get(i)
         if stage is None or grid.shape[0] == 0:
             return grid
-        h, w = grid.shape[1:3]
         window = self.adapter.window_at(self.target, i)
-        r_h, r_w = stage.removal((h, w), window, self.config.align)
+        # the rule Schedule.describe applies to the model's own grid, here on the one received
+        resolved = resolve_stage(self.config, stage, tuple(grid.shape[1:3]), window)
         started = merge_clock.start(grid.device) if merge_clock.enabled else 0.0
         metric = self._metric(grid, block)
-        if self.config.windowed:
-            side = window_budget((h, w), (r_h, r_w), window)
+        if resolved.window_side is not None:
             grid, record = reduce_windows(
-                self.config.method, grid, window, side, **self.config.grid_options()
+                self.config.method, grid, window, resolved.window_side, **self.config.grid_options()
             )
         else:
             grid, record = reduce_grid(
-                self.config.method, grid, (h - r_h, w - r_w), metric=metric,
-                **self.config.grid_options(),
+                self.config.method, grid, resolved.grid_out, metric=metric, **self.config.grid_options(),
             )
         self.records.append(record)
         if self.config.prop_attn:

@@ -166,7 +166,7 @@ def _tome_forward_features(
     state = getattr(self, STATE_ATTR)
     x, _ = _embed(self, x)
     prefix = self.num_prefix_tokens
-    schedule = parse_r(len(self.blocks), state.config.r)
+    schedule = state.schedule.r_per_block  # resolved once, when patching
     _check_schedule(schedule, x.shape[1], prefix)
     checkpointing = _checkpointing(self)
     prop = state.config.prop_attn

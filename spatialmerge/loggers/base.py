@@ -26,6 +26,9 @@ class RunLogger:
     def update_config(self, values: Mapping[str, Any]) -> None:
         """Add what is only known once the job ran (e.g. the resolved merge schedule)."""
 
+    def rename(self, name: str) -> None:
+        """The run's name once the job resolved what it ran (``start`` only knew the request)."""
+
     def rewind(self, step: int) -> None:
         """A resumed run continues from ``step``: history logged after it (by the run that was
         killed after its last checkpoint) is about to be logged again and must not count twice."""

@@ -29,6 +29,9 @@ class JsonlLogger(RunLogger):
         with self.path.open("a") as handle:
             handle.write(json.dumps({"time": time.time(), **record}, default=str) + "\n")
 
+    def rename(self, name: str) -> None:
+        self._write({"event": "rename", "name": name})
+
     def rewind(self, step: int) -> None:
         """Drop the ``log`` rows after ``step`` (written before the kill, replayed by the resume)
         and note the resume, rewriting the file atomically."""

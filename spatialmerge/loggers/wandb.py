@@ -77,6 +77,10 @@ class WandbLogger(RunLogger):
         if self.run is not None:
             self.run.config.update(dict(values), allow_val_change=True)
 
+    def rename(self, name: str) -> None:
+        if self.run is not None:
+            self.run.name = name
+
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is not None:
             import wandb

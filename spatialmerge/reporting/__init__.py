@@ -1,5 +1,6 @@
 """Turning runs into something to read: sweep tables, Pareto plots and pictures of merges."""
 
+from spatialmerge.adapters.schedule import label, method_label, schedule_text
 from spatialmerge.reporting.pareto import pareto_front, plot_pareto
 from spatialmerge.reporting.table import (
     COLUMNS,
@@ -7,7 +8,6 @@ from spatialmerge.reporting.table import (
     build_rows,
     collect_results,
     markdown_table,
-    schedule_text,
     write_report,
 )
 
@@ -16,7 +16,9 @@ __all__ = [
     "accuracy",
     "build_rows",
     "collect_results",
+    "label",
     "markdown_table",
+    "method_label",
     "pareto_front",
     "plot_pareto",
     "schedule_text",

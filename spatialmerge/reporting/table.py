@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spatialmerge.adapters.schedule import BASELINE_METHOD, method_label, schedule_text
 from spatialmerge.evaluators.timing import host_load, speedup_text, summarise_rounds
 from spatialmerge.results import RESULTS_FILE
 
@@ -59,7 +60,6 @@ ACCURACY_METRICS: tuple[tuple[str, str], ...] = (
     ("fidelity", "top1_agreement"),
     ("fidelity", "feature_cosine"),
 )
-BASELINE_METHOD = "none"
 IN_PROCESS_BASELINE = "baseline (in-process)"
 STATUS_NO_RESULTS = "no results"
 _METHOD_ORDER = {
@@ -128,50 +128,6 @@ def accuracy(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
         if isinstance(value, (int, float)):
             return (evaluator if evaluator == key else f"{evaluator}/{key}"), float(value)
     return None
-
-
-def method_label(merge: Mapping[str, Any] | None) -> str:
-    """The method as a report names it, with the variant that changes what it is: per-layer
-    ToMe vs the single-layer grid form, which Expedite (temperature, per window or not), and
-    whether proportional attention ran (``prop_attn``; the paper's CubistMerge has none)."""
-    if not merge:
-        return BASELINE_METHOD
-    method = merge.get("method") or BASELINE_METHOD
-    if method == BASELINE_METHOD:
-        return method
-    if method == "tome" and merge.get("r") is not None:
-        # proportional attention is per-layer ToMe's own default; only its absence is a variant
-        return "tome (per layer)" if merge.get("prop_attn") is not False else "tome (per layer, no prop_attn)"
-    parts = []
-    if method == "expedite" and merge.get("temperature") is not None:
-        parts.append(f"t={merge['temperature']}")
-        if merge.get("windowed"):
-            parts.append("per window")
-        if merge.get("reconstruct") == "softmax":
-            parts.append("softmax")
-    if merge.get("prop_attn"):
-        parts.append("prop_attn")
-    return f"{method} ({', '.join(parts)})" if parts else method
-
-
-def schedule_text(merge: Mapping[str, Any] | None) -> str:
-    """A merge request in a few characters: ``loc=3 ratio=0.125``, ``loc=1 r=2x2``, ``r=8/layer``.
-
-    Takes resolved ``patch`` kwargs or a raw ``merge`` config (same precedence as
-    ``pipeline.merge_options``: r > stages > r_h/r_w > ratio; ``loc: null`` shows as auto).
-    """
-    if not merge or merge.get("method", BASELINE_METHOD) == BASELINE_METHOD:
-        return "-"
-    if merge.get("r") is not None:
-        return f"r={merge['r']}/layer"
-    if merge.get("stages"):
-        return "stages=" + json.dumps(merge["stages"], separators=(",", ":"))
-    loc = "auto" if merge.get("loc") is None else merge["loc"]
-    if merge.get("r_h") is not None or merge.get("r_w") is not None:
-        text = f"loc={loc} r={merge.get('r_h')}x{merge.get('r_w')}"
-    else:
-        text = f"loc={loc} ratio={merge.get('ratio')}"
-    return text + (" window" if merge.get("align") == "window" else "")
 
 
 def _out_grid(merge: Mapping[str, Any] | None, tokens: int | None, base_tokens: int | None) -> str:

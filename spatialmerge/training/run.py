@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import spatialmerge
 from spatialmerge import distributed
 from spatialmerge.data.imagenet import eval_transform
 from spatialmerge.loggers import RunLogger
-from spatialmerge.pipeline import EvalContext, instantiate, merge_options, model_default_loc
+from spatialmerge.pipeline import EvalContext, instantiate, resolve_merge, run_evaluators
 from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import train_transform
 from spatialmerge.training.trainer import Trainer
@@ -98,7 +97,9 @@ def run_training(
     settings: TrainConfig = instantiate(cfg.trainer)
     seed_everything(settings.seed)  # the same initial weights on every process
     model = instantiate(cfg.model)
-    merge = merge_options(cfg.merge, model_default_loc(model))
+    schedule = resolve_merge(model, cfg.merge)
+    merge = None if schedule is None else schedule.options
+    described = None if schedule is None else schedule.describe()
     if merge is not None:
         spatialmerge.patch(model, **merge)
     notes: list[str] = []
@@ -126,18 +127,15 @@ def run_training(
     try:
         for suffix, trained in candidates.items():
             ctx = EvalContext(trained, merge, str(device), lambda transform=None: val)
-            for name, node in cfg.evaluator.items():
-                if name == "throughput" and (suffix or not distributed.is_main()):
-                    continue  # timing is per device and weight-independent: rank 0, once
-                log.info("running evaluator %s%s", name, suffix)
-                start = time.perf_counter()
-                metrics[name + suffix] = instantiate(node).run(ctx)
-                metrics[name + suffix]["seconds"] = time.perf_counter() - start
+            # timing is weight-independent: the EMA weights are not timed again
+            run_evaluators(cfg, ctx, suffix=suffix, timing=not suffix, into=metrics)
     except Exception as err:
         # the training itself succeeded: its measurements go into the record of the failure
-        err.partial_outcome = {"merge": merge, "metrics": metrics, "notes": notes}  # type: ignore[attr-defined]
+        err.partial_outcome = {  # type: ignore[attr-defined]
+            "merge": merge, "schedule": described, "metrics": metrics, "notes": notes,
+        }
         raise
-    return {"merge": merge, "metrics": metrics, "notes": notes}
+    return {"merge": merge, "schedule": described, "metrics": metrics, "notes": notes}
 
 
 def check_before_training(model: nn.Module, train_set: Any, val: Any, cfg: DictConfig) -> None:

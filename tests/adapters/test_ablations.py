@@ -105,10 +105,10 @@ def test_window_alignment_changes_the_reduced_grid_on_sam_only():
     spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.4)
     encoder(x)
     assert spatialmerge.patch_state(encoder).last_hw[1] == (5, 5)
-    # 8 -> 7 would pad back to 8, so alignment lands on the full grid: refused, not run unmerged
-    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.15, align="window")
+    # 8 -> 7 would pad back to 8, so alignment lands on the full grid: refused when patching,
+    # not run unmerged
     with pytest.raises(ValueError, match="with align=window .* rounds to r_h=r_w=0"):
-        encoder(x)
+        spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.15, align="window")
     with pytest.raises(ValueError, match="align='window' needs a windowed backbone"):
         spatialmerge.patch(deit(), "cubist", loc=1, ratio=0.15, align="window")
 

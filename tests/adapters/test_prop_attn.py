@@ -427,8 +427,8 @@ def test_flash_attention_is_refused_naming_the_fix():
 
 
 def test_reports_run_names_and_searches_say_whether_prop_attn_ran():
-    from spatialmerge.pipeline import format_summary
-    from spatialmerge.reporting.table import method_label
+    from spatialmerge.reporting.summary import format_summary
+    from spatialmerge.adapters.schedule import method_label
     from spatialmerge.search import variant_text
 
     assert method_label({"method": "cubist", "prop_attn": False}) == "cubist"  # the paper's
@@ -439,4 +439,4 @@ def test_reports_run_names_and_searches_say_whether_prop_attn_ran():
     assert variant_text({"method": "pool", "prop_attn": True}) == "prop_attn"
     payload = {"model": "deit_t", "merge": {"method": "cubist", "loc": 1, "ratio": 0.2, "prop_attn": True},
                "metrics": {}, "schedule": None}
-    assert format_summary(payload).startswith("model: deit_t   merge: cubist loc=1 ratio=0.2 prop_attn")
+    assert format_summary(payload).startswith("model: deit_t   merge: cubist (prop_attn) loc=1 ratio=0.2")

@@ -295,8 +295,7 @@ def test_per_layer_tome_is_refused_on_sam_instead_of_running_unmerged():
 
 
 @torch.no_grad()
-def test_a_ratio_too_small_for_the_grid_fails_at_the_forward():
+def test_a_ratio_too_small_for_the_grid_is_refused_when_patching():
     encoder = tiny_encoder()
-    spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.02)  # 16 * 0.02 rounds to 0
     with pytest.raises(ValueError, match="rounds to r_h=r_w=0: nothing would be merged"):
-        encoder(torch.randn(1, 3, 256, 256))
+        spatialmerge.patch(encoder, "cubist", loc=1, ratio=0.02)  # 16 * 0.02 rounds to 0

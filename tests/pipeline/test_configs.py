@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import spatialmerge
 from spatialmerge.adapters import MergeConfig
 from spatialmerge.loggers import RunLogger
-from spatialmerge.pipeline import merge_options
+from spatialmerge.adapters.config import merge_options
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -128,6 +128,18 @@ def test_results_record_the_resolved_schedule_and_the_timing_spread(tmp_path):
     assert len(row["times_ms"]) == 1 and row["speedup_q1"] <= row["speedup"] <= row["speedup_q3"]
 
 
+def test_the_run_is_named_after_what_ran_once_loc_null_is_resolved(tmp_path):
+    args = [a for a in TINY_SAM if a != "merge.loc=1"] + ["merge.loc=null", "logger=jsonl"]
+    done = run_eval(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (path,) = results_files(tmp_path)
+    events = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    names = {e["event"]: e["name"] for e in events if "name" in e}
+    # the request names the run until the model is built; then what ran (2 blocks: loc 0)
+    assert names == {"start": "sam_b cubist loc=auto ratio=0.125", "rename": "sam_b cubist loc=0 ratio=0.125"}
+    assert json.loads(path.read_text())["merge"]["loc"] == 0
+
+
 def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "done"
     run_dir.mkdir()

@@ -10,7 +10,8 @@ from PIL import Image
 
 from spatialmerge.reporting import build_rows, collect_results, markdown_table, pareto_front, plot_pareto
 from spatialmerge.reporting.publish import sweep_group, wandb_config
-from spatialmerge.reporting.table import COLUMN_KEYS, IN_PROCESS_BASELINE, schedule_text
+from spatialmerge.adapters.schedule import schedule_text
+from spatialmerge.reporting.table import COLUMN_KEYS, IN_PROCESS_BASELINE
 
 SAM_CONFIG = {
     "model": {"_target_": "spatialmerge.models.build_model", "name": "sam_b", "checkpoint": "/w/sam.pth"},
@@ -231,7 +232,7 @@ def test_an_empty_directory_is_an_error(tmp_path, capsys, report_cli):
 
 
 def test_method_labels_say_which_variant_ran():
-    from spatialmerge.reporting.table import method_label
+    from spatialmerge.adapters.schedule import method_label
 
     assert method_label(None) == "none"
     assert method_label({"method": "cubist", "loc": 3, "ratio": 0.1}) == "cubist"

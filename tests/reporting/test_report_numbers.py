@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 from test_report import SAM_CONFIG, SETUP, result, speed, write
 
+from spatialmerge.adapters.schedule import method_label, schedule_text
 from spatialmerge.reporting import build_rows, collect_results, markdown_table
 from spatialmerge.reporting.table import (
     COLUMN_KEYS,
     IN_PROCESS_BASELINE,
     describe_setup,
-    method_label,
     pivot_markdown,
-    schedule_text,
     write_report,
 )
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 import spatialmerge
 from spatialmerge.models import model_info
-from spatialmerge.pipeline import merge_options, model_default_loc
+from spatialmerge.adapters.config import merge_options
 from spatialmerge.reporting import build_rows, collect_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_every_job_of_a_sweep_composes_into_a_valid_merge(name):
     for overrides in launched:
         job = compose_eval([f"+sweep={name}", *overrides])
         model = meta_model(json.dumps(OmegaConf.to_container(job.model, resolve=True), sort_keys=True))
-        options = merge_options(job.merge, model_default_loc(model))
+        options = merge_options(job.merge)
         assert options is not None, f"{overrides}: every job merges"
         # Validates the options and checks them against this backbone (loc < depth, metric, ...).
         spatialmerge.patch(model, **options)

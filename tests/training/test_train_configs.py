@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from train_helpers import CONFIGS, compose_train
 
-from spatialmerge.pipeline import merge_options
+from spatialmerge.adapters.config import merge_options
 from spatialmerge.training import TrainConfig
 
 
