@@ -95,6 +95,28 @@ class _Plan:
     index: Tensor  # (B, L, N) position among the kept tokens of the token holding each one
 
 
+def _descending_rank(score: Tensor) -> Tensor:
+    """(..., N) -> (..., N) int64: each entry's place when sorted by descending score, equal
+    scores in position order (a stable sort's order, so the leftmost token wins a tie on every
+    device). Counted with comparisons rather than sorted: N is half a grid side, and ONNX has
+    no stable sort."""
+    n = score.shape[-1]
+    positions = torch.arange(n, device=score.device)
+    mine, other = score.unsqueeze(-1), score.unsqueeze(-2)  # (..., N, 1), (..., 1, N)
+    ahead = (other > mine) | ((other == mine) & (positions < positions.unsqueeze(-1)))
+    return ahead.sum(-1)
+
+
+def _true_positions(mask: Tensor, count: int) -> Tensor:
+    """(..., N) bool with ``count`` True per line -> (..., count) their positions, ascending.
+    A cumulative count gives each True its slot; scattered, not sorted, for the same reason."""
+    n = mask.shape[-1]
+    positions = torch.arange(n, device=mask.device).expand_as(mask)
+    slot = torch.where(mask, mask.long().cumsum(-1) - 1, count)  # the others: a spare slot
+    out = torch.zeros(mask.shape[:-1] + (count + 1,), dtype=torch.long, device=mask.device)
+    return out.scatter_(-1, slot, positions)[..., :count]
+
+
 def _plan(sim: Tensor, r: int, collisions: str) -> _Plan:
     """Localized matching on similarities ``sim`` (B, L, N - 1) between neighbours."""
     n = sim.shape[-1] + 1
@@ -105,9 +127,8 @@ def _plan(sim: Tensor, r: int, collisions: str) -> _Plan:
     right = F.pad(right, (0, n_odd - right.shape[-1]), value=float("-inf"))
     goes_right = right > left  # ties go left
     score = torch.maximum(left, right)  # (B, L, n_odd)
-    # A stable sort makes equal scores pick the leftmost token on every device.
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    chosen = order[..., :r].sort(dim=-1).values  # (B, L, r) odd slots, left to right
+    rank = _descending_rank(score)
+    chosen = _true_positions(rank < r, r)  # (B, L, r) odd slots, left to right
     source = 2 * chosen + 1
     destination = 2 * (chosen + goes_right.gather(-1, chosen))
     # Two sources share a destination only as neighbours in `chosen`: the left one going right,
@@ -118,7 +139,6 @@ def _plan(sim: Tensor, r: int, collisions: str) -> _Plan:
         # The reference scatters even-ranked then odd-ranked sources into the destinations,
         # each as max-magnitude against the *original* destination, so the second write wins:
         # the odd-ranked source, or among equal parities the later-ranked one.
-        rank = torch.empty_like(order).scatter_(-1, order, positions[:n_odd].expand_as(order))
         rank = rank.gather(-1, chosen)
         key = (rank % 2) * n + rank  # larger key = written later
         left_loses = shared & (key[..., 1:] > key[..., :-1])
@@ -128,8 +148,7 @@ def _plan(sim: Tensor, r: int, collisions: str) -> _Plan:
     kept.scatter_(-1, source, False)
     new_position = kept.long().cumsum(-1) - 1  # (B, L, N)
     holder = positions.expand_as(new_position).scatter(-1, source, destination)
-    # Stable sort of the removed flags lists the kept positions first, in their order.
-    keep = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., : n - r]
+    keep = _true_positions(kept, n - r)
     return _Plan(
         keep=keep,
         source=source,

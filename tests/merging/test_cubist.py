@@ -344,3 +344,23 @@ def test_float64_tokens_are_matched_in_float64():
     x = torch.arange(4, dtype=torch.float64)[None, :, None]
     assert merge_1d(x, 1, metric=metric)[3].tolist() == [[0, 1, 2, 2]]
     assert merge_1d(x.float(), 1, metric=metric.float())[3].tolist() == [[0, 0, 1, 2]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 33])
+def test_the_sort_free_ordering_is_a_stable_sorts_ties_included(n):
+    from spatialmerge.merging.cubist import _descending_rank, _true_positions
+
+    generator = torch.Generator().manual_seed(n)
+    for _ in range(50):
+        score = torch.randint(0, 3, (2, 4, n), generator=generator).float()  # many ties
+        score[0, 0, -1] = float("-inf")  # a last odd token without a right neighbour
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand_as(order))
+        assert torch.equal(_descending_rank(score), rank)
+        for r in range(n + 1):
+            assert torch.equal(_true_positions(rank < r, r), order[..., :r].sort(dim=-1).values)
+        kept = torch.zeros(2, 4, n, dtype=torch.bool).scatter_(
+            -1, torch.rand(2, 4, n, generator=generator).argsort(-1)[..., : n // 2 + 1], True
+        )
+        stable = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., : n // 2 + 1]
+        assert torch.equal(_true_positions(kept, n // 2 + 1), stable)
