@@ -3,9 +3,16 @@
 Importing this package registers every supported family with ``patch``.
 """
 
-# each registers its families; hiera (SAM 2) and hf (transformers) without importing their
-# packages: a model of theirs can only exist once its package was imported
-from spatialmerge.adapters import eva, hf, hiera, sam, vit  # noqa: F401
+import importlib
+import pkgutil
+
+# Every module of this package is imported, so a family registers itself by existing: a new
+# backbone family is one file here (plus its builder in spatialmerge.models and a model yaml).
+# Alphabetical order is registration order (find_adapter takes the first that matches).
+# hiera (SAM 2) and hf (transformers) register without importing their packages: a model of
+# theirs can only exist once its package was imported.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 from spatialmerge.adapters.adapter import Adapter
 from spatialmerge.adapters.config import MergeConfig, Stage
 from spatialmerge.adapters.registry import (

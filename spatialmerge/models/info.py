@@ -163,6 +163,11 @@ _MODELS: dict[str, ModelInfo] = {
 }
 
 
+def add_model_info(info: ModelInfo) -> None:
+    """Record ``info`` (through :func:`spatialmerge.models.registry.register_model`)."""
+    _MODELS[info.name] = info
+
+
 def known_names() -> list[str]:
     """Every registered model name, in registry order."""
     return list(_MODELS)

@@ -11,7 +11,7 @@ from torch import nn
 from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, resolve_embedded
 from spatialmerge.models.hf_models import HF_MODELS, build_hf_model
-from spatialmerge.models.info import known_names, model_info
+from spatialmerge.models.info import ModelInfo, add_model_info, known_names, model_info
 from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
 from spatialmerge.models.sam2 import SAM2_CONFIGS, build_sam2_model
 from spatialmerge.models.timm_models import build_timm_model
@@ -30,6 +30,22 @@ _BUILDERS: dict[str, Builder] = {
     },
     **{name: partial(build_hf_model, name) for name in HF_MODELS},
 }
+
+
+def register_model(info: ModelInfo, builder: Builder) -> None:
+    """Make ``build_model(info.name, checkpoint, **overrides)`` call
+    ``builder(checkpoint, **overrides)``: how a builder module outside this table adds its
+    backbones (the table above registers the built-in ones). ``checkpoint`` reaches the
+    builder as a path to an existing file (a missing one is refused first) or None for random
+    weights; the builder loads the weights itself.
+
+    Raises:
+        ValueError: ``info.name`` is registered already.
+    """
+    if info.name in _BUILDERS:
+        raise ValueError(f"model {info.name!r} is registered already; choose another name")
+    add_model_info(info)
+    _BUILDERS[info.name] = builder
 
 
 def available_models() -> list[str]:
