@@ -1,0 +1,134 @@
+"""Merged encoders deploy: ONNX through onnxruntime, torch.export and torch.compile reproduce
+the eager merged model on tiny random models of every family."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import spatialmerge
+from spatialmerge import export as deploy
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "adapters"))
+from test_hiera import STAGE3, sam2  # noqa: E402,F401  (the tiny SAM 2 fixture)
+from test_prop_attn import FAMILY_NAMES, _families  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ONNX_FAMILIES = [f for f in FAMILY_NAMES if f != "timm samvit"]  # refused, see below
+FAST = {"timm vit", "segment-anything"}  # the rest run with the slow tests
+
+
+def _merged(family, method, sam2, **options):
+    model, x, _ = _families(sam2)[family]
+    loc = STAGE3 if family == "hiera" else 1
+    extra = {"k": 1} if method == "expedite" else {}  # the tiny grids have few centroids
+    spatialmerge.patch(model, method, loc=loc, ratio=0.25, **extra, **options)
+    return model, x[:1]
+
+
+def _outputs(runner, images):
+    return [t for t in torch.utils._pytree.tree_leaves(runner(images)) if isinstance(t, torch.Tensor)]
+
+
+CASES = [pytest.param(family, prop_attn, marks=() if family in FAST and not prop_attn else pytest.mark.slow)
+         for family in ONNX_FAMILIES for prop_attn in (False, True)]
+
+
+@pytest.mark.parametrize(("family", "prop_attn"), CASES)
+def test_onnxruntime_runs_the_merged_encoder_as_eager_does(family, prop_attn, sam2, tmp_path):
+    model, x = _merged(family, "cubist", sam2, prop_attn=prop_attn)
+    expected = deploy.eager_outputs(model, x)
+    unmerged = spatialmerge.unpatch(model)
+    unmerged_out = deploy.eager_outputs(unmerged, x)
+    model, x = _merged(family, "cubist", sam2, prop_attn=prop_attn)
+    path = deploy.export(model, x, tmp_path / "encoder.onnx")
+    got = _outputs(deploy.OnnxRunner(path), x)
+    exported = deploy.max_difference(expected, got)
+    assert exported < 1e-4
+    # the file holds the merge: fewer tokens than the unmerged encoder's, or (recovered to the
+    # full grid) far closer to the eager merged model than to the unmerged one
+    if [t.shape for t in unmerged_out] == [t.shape for t in got]:
+        assert deploy.max_difference(unmerged_out, got) > 10 * exported
+    else:
+        assert sum(t.numel() for t in got) < sum(t.numel() for t in unmerged_out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tome", "expedite", "pool", "oracle"])
+@pytest.mark.parametrize("family", ["timm vit", "segment-anything"])
+def test_every_grid_method_exports_to_onnx(family, method, sam2, tmp_path):
+    model, x = _merged(family, method, sam2)
+    expected = deploy.eager_outputs(model, x)
+    got = _outputs(deploy.OnnxRunner(deploy.export(model, x, tmp_path / "encoder.onnx")), x)
+    assert deploy.max_difference(expected, got) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["timm vit", "timm samvit", "segment-anything"])
+def test_a_torch_export_program_is_the_eager_merged_model(family, sam2, tmp_path):
+    model, x = _merged(family, "cubist", sam2)
+    path = deploy.export(model, x, tmp_path / "encoder.pt2", "export")
+    got = _outputs(deploy.load_program(path), x)
+    assert deploy.max_difference(deploy.eager_outputs(model, x), got) < 1e-5
+
+
+def test_torch_compile_traces_the_merged_forward_in_one_graph(sam2):
+    model, x = _merged("timm vit", "cubist", sam2)
+    explained = torch._dynamo.explain(deploy.Exported(model))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(deploy.Exported(model), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_what_the_onnx_exporter_cannot_convert_is_refused_before_tracing(sam2, tmp_path):
+    model, x = _merged("timm samvit", "cubist", sam2)
+    with pytest.raises(ValueError, match="samvit calls scaled_dot_product_attention on 3D tensors"):
+        deploy.export(model, x, tmp_path / "encoder.onnx")
+    with pytest.raises(ValueError, match="format='tflite' is not supported"):
+        deploy.check_exportable(model, "tflite")
+    assert not (tmp_path / "encoder.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_script_writes_checks_and_times_a_tiny_deit(tmp_path):
+    out = tmp_path / "deit.onnx"
+    done = subprocess.run(
+        [sys.executable, "scripts/export.py", "model=deit_t", "model.checkpoint=null", "+model.img_size=64",
+         "+model.depth=2", "merge.loc=1", "merge.ratio=0.25", "--out", str(out), "--rounds", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "merge: cubist loc=1 ratio=0.25" in done.stdout
+    assert f"wrote {out}: max |exported - eager| = " in done.stdout
+    assert "timed alternately on CPU, batch 1, 2 rounds" in done.stdout
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert "speed-up" in lines["onnxruntime"] and "speed-up" in lines["eager"]
+    assert out.exists() and (tmp_path / "deit_unmerged.onnx").exists()
+    again = subprocess.run([sys.executable, "scripts/export.py", "model=deit_t", "model.checkpoint=null",
+                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "never overwrites" in again.stderr
+
+
+@torch.no_grad()
+def test_sam_predictor_on_the_onnxruntime_encoder_gives_the_merged_models_masks(tmp_path):
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    from tests.evaluators.conftest import build_tiny_sam
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    sam = spatialmerge.patch(build_tiny_sam(), "cubist", loc=1, r_h=2, r_w=2)
+    reference = SamPredictor(sam)
+    reference.set_image(image)
+    expected = [reference.predict(box=np.array(box), multimask_output=False)[0]
+                for box in ([2, 2, 30, 40], [20, 5, 60, 45])]
+    path = deploy.export(sam, torch.randn(1, 3, 128, 128), tmp_path / "encoder.onnx")
+    sam.image_encoder = deploy.OnnxImageEncoder(path, 128)
+    deployed = SamPredictor(sam)
+    deployed.set_image(image)
+    assert (deployed.features - reference.features).abs().max() < 1e-4
+    for box, mask in zip(([2, 2, 30, 40], [20, 5, 60, 45]), expected):
+        assert np.array_equal(deployed.predict(box=np.array(box), multimask_output=False)[0], mask)
+    assert not np.array_equal(expected[0], expected[1]), "the prompts must change the masks"
