@@ -75,11 +75,16 @@ def export(model: nn.Module, images: Tensor, path: Path, fmt: Format = "onnx") -
     return path
 
 
-def eager_outputs(model: nn.Module, images: Tensor) -> list[Tensor]:
-    """What the exported file must reproduce: the encoder's outputs, flattened in the order
-    the exporters flatten them."""
+def outputs(run: Any, images: Tensor) -> list[Tensor]:
+    """The tensors ``run(images)`` returns (an encoder, an onnxruntime session, a loaded
+    program), flattened in the order the exporters flatten them."""
     with torch.no_grad():
-        return [t for t in tree_leaves(Exported(export_target(model)).eval()(images)) if isinstance(t, Tensor)]
+        return [t for t in tree_leaves(run(images)) if isinstance(t, Tensor)]
+
+
+def eager_outputs(model: nn.Module, images: Tensor) -> list[Tensor]:
+    """What the exported file must reproduce: the encoder's outputs, flattened."""
+    return outputs(Exported(export_target(model)).eval(), images)
 
 
 class OnnxRunner:

@@ -28,7 +28,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import spatialmerge
 from spatialmerge.adapters import find_adapter
 from spatialmerge.adapters.registry import resolve_schedule
 from spatialmerge.adapters.schedule import label, schedule_text, variant_parts
@@ -278,8 +277,6 @@ class ScheduleSearch:
                    "failed", f"{type(err).__name__}: {err}", started)
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             raise
-        finally:
-            spatialmerge.unpatch(model)
         outcome = {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": [f"search trial {trial.number}"]}
         record(run_dir, cfg, outcome, "ok", None, started)
         timing = metrics["throughput"][merge["method"]]

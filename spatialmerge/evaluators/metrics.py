@@ -30,7 +30,32 @@ def mask_iou(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.where(union == 0, torch.ones_like(iou), iou)
 
 
-class MeanIoU:
+class SumsAccumulator:
+    """An accumulator whose whole state is one tensor of sums and counts (``_sums``), so the
+    processes of a distributed run combine theirs with one all-reduce: ``state()`` there,
+    ``merge()`` here. Subclasses keep the tensor in a dtype that makes the counts exact."""
+
+    _sums: Tensor
+
+    def state(self) -> Tensor:
+        """The sums, (S,), to all-reduce and `merge` elsewhere."""
+        return self._sums.clone()
+
+    def merge(self, state: Tensor) -> None:
+        """Add another accumulator's `state()` (or a reduction of several) into this one."""
+        if state.shape != self._sums.shape:
+            raise ValueError(
+                f"state must have shape ({len(self._sums)},){self._state_names()}, got "
+                f"{tuple(state.shape)}"
+            )
+        self._sums += state.detach().to("cpu", self._sums.dtype)
+
+    def _state_names(self) -> str:
+        """What the sums are, for the shape mismatch's message."""
+        return ""
+
+
+class MeanIoU(SumsAccumulator):
     """Mean IoU over instances, and over images (each image's own mean IoU, then averaged).
 
     The two differ when images hold different numbers of instances: the per-instance mean weighs
@@ -52,16 +77,6 @@ class MeanIoU:
         self._sums += torch.stack(
             [ious.sum(), ious.new_tensor(ious.numel()), ious.mean(), ious.new_tensor(1.0)]
         )
-
-    def state(self) -> Tensor:
-        """The sums, (4,) float64, to all-reduce and `merge` elsewhere."""
-        return self._sums.clone()
-
-    def merge(self, state: Tensor) -> None:
-        """Add another accumulator's `state()` (or a reduction of several) into this one."""
-        if state.shape != self._sums.shape:
-            raise ValueError(f"state must have shape (4,), got {tuple(state.shape)}")
-        self._sums += state.detach().to("cpu", torch.float64)
 
     def compute(self) -> dict[str, float | int]:
         """{"miou": per-instance mean (%), "miou_per_image": per-image mean (%), "instances",
@@ -105,7 +120,7 @@ def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> 
     return {k: int(hit[:, :k].sum()) for k in ks}
 
 
-class Accuracy:
+class Accuracy(SumsAccumulator):
     """Top-k accuracy over all samples seen, in percent."""
 
     def __init__(self, ks: Sequence[int] = (1, 5)) -> None:
@@ -120,18 +135,6 @@ class Accuracy:
         correct = topk_correct(logits, target, self.ks)
         self._sums += torch.tensor([correct[k] for k in self.ks] + [target.numel()])
 
-    def state(self) -> Tensor:
-        """The counts, (len(ks) + 1,) int64, to all-reduce and `merge` elsewhere."""
-        return self._sums.clone()
-
-    def merge(self, state: Tensor) -> None:
-        """Add another accumulator's `state()` (or a reduction of several) into this one."""
-        if state.shape != self._sums.shape:
-            raise ValueError(
-                f"state must have shape ({len(self._sums)},), got {tuple(state.shape)}"
-            )
-        self._sums += state.detach().to("cpu", torch.int64)
-
     def compute(self) -> dict[str, float | int]:
         """{"top1": %, "top5": % (one key per k), "images": samples seen}."""
         *correct, count = self._sums.tolist()
@@ -144,7 +147,7 @@ class Accuracy:
         return result
 
 
-class Means:
+class Means(SumsAccumulator):
     """Per-item means of named metrics, each a sum over items and one shared item count.
 
     The names are those given and, in order, any new name an update brings; an accumulator that
@@ -176,18 +179,8 @@ class Means:
             self._sums[self.names.index(name)] += float(value)
         self._sums[-1] += count
 
-    def state(self) -> Tensor:
-        """The sums and the item count, (len(names) + 1,) float64, to all-reduce and `merge`."""
-        return self._sums.clone()
-
-    def merge(self, state: Tensor) -> None:
-        """Add another accumulator's `state()` (or a reduction of several) into this one."""
-        if state.shape != self._sums.shape:
-            raise ValueError(
-                f"state must have shape ({len(self._sums)},) for the metrics {self.names}, got "
-                f"{tuple(state.shape)}"
-            )
-        self._sums += state.detach().to("cpu", torch.float64)
+    def _state_names(self) -> str:
+        return f" for the metrics {self.names}"
 
     def compute(self) -> dict[str, float]:
         """{name: per-item mean (x 100 for ``percent`` names)}, in the order of ``names``."""

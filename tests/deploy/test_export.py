@@ -28,10 +28,6 @@ def _merged(family, method, sam2, **options):
     return model, x[:1]
 
 
-def _outputs(runner, images):
-    return [t for t in torch.utils._pytree.tree_leaves(runner(images)) if isinstance(t, torch.Tensor)]
-
-
 CASES = [pytest.param(family, prop_attn, marks=() if family in FAST and not prop_attn else pytest.mark.slow)
          for family in ONNX_FAMILIES for prop_attn in (False, True)]
 
@@ -44,7 +40,7 @@ def test_onnxruntime_runs_the_merged_encoder_as_eager_does(family, prop_attn, sa
     unmerged_out = deploy.eager_outputs(unmerged, x)
     model, x = _merged(family, "cubist", sam2, prop_attn=prop_attn)
     path = deploy.export(model, x, tmp_path / "encoder.onnx")
-    got = _outputs(deploy.OnnxRunner(path), x)
+    got = deploy.outputs(deploy.OnnxRunner(path), x)
     exported = deploy.max_difference(expected, got)
     assert exported < 1e-4
     # the file holds the merge: fewer tokens than the unmerged encoder's, or (recovered to the
@@ -61,7 +57,7 @@ def test_onnxruntime_runs_the_merged_encoder_as_eager_does(family, prop_attn, sa
 def test_every_grid_method_exports_to_onnx(family, method, sam2, tmp_path):
     model, x = _merged(family, method, sam2)
     expected = deploy.eager_outputs(model, x)
-    got = _outputs(deploy.OnnxRunner(deploy.export(model, x, tmp_path / "encoder.onnx")), x)
+    got = deploy.outputs(deploy.OnnxRunner(deploy.export(model, x, tmp_path / "encoder.onnx")), x)
     assert deploy.max_difference(expected, got) < 1e-4
 
 
@@ -69,7 +65,7 @@ def test_every_grid_method_exports_to_onnx(family, method, sam2, tmp_path):
 def test_a_torch_export_program_is_the_eager_merged_model(family, sam2, tmp_path):
     model, x = _merged(family, "cubist", sam2)
     path = deploy.export(model, x, tmp_path / "encoder.pt2", "export")
-    got = _outputs(deploy.load_program(path), x)
+    got = deploy.outputs(deploy.load_program(path), x)
     assert deploy.max_difference(deploy.eager_outputs(model, x), got) < 1e-5
 
 
