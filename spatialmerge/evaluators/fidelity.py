@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the metrics reported in percent
-PERCENT = ("mask_iou", "top1_agreement", "top5_overlap", "segment_agreement")
+PERCENT = ("mask_iou", "top1_agreement", "top5_overlap", "segment_agreement")  # see metrics.PERCENT_METRICS
 
 _SUPPORTED = (
     "segment_anything.modeling.Sam, sam2 SAM2Base, transformers ViT / DeiT / DINOv2 / DINOv3 "

@@ -7,6 +7,7 @@ total into a fresh accumulator, `compute()`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -90,6 +91,18 @@ class MeanIoU(SumsAccumulator):
             "instances": int(instances),
             "images": int(images),
         }
+
+
+# The metrics reported in percent (evaluators' own and fidelity's), also as unmerged_<key> and
+# delta_<key> (a difference in points).
+PERCENT_METRICS = re.compile(
+    r"(unmerged_|delta_)?(miou|miou_per_image|top\d+|mask_iou|top1_agreement|top5_overlap|segment_agreement)"
+)
+
+
+def is_percent(key: str) -> bool:
+    """Whether the metric ``key`` is a percentage (``top1``, ``delta_miou``, ...)."""
+    return PERCENT_METRICS.fullmatch(key) is not None
 
 
 def topk_correct(logits: Tensor, target: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:

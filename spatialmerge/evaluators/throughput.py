@@ -47,6 +47,7 @@ class Variant:
     flops: int = 0
     tokens: int | None = None
     peak_memory_mb: float | None = None
+    graph_breaks: int | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -88,6 +89,13 @@ def time_variants(
             rounds.update()
 
 
+def count_graph_breaks(module: nn.Module, x: Tensor) -> int:
+    """Graph breaks TorchDynamo makes tracing one forward of ``module`` on ``x`` (B, C, H, W):
+    each one splits the compiled forward into pieces that run eagerly in between."""
+    with torch.inference_mode():
+        return torch._dynamo.explain(module)(x).graph_break_count
+
+
 def _tokens(model: nn.Module, unmerged: int) -> int | None:
     """Patch tokens after the last merge; None where it changes every layer (per-layer ToMe)."""
     state = patch_state(model)
@@ -107,7 +115,8 @@ class ThroughputEvaluator:
         warmup: untimed rounds (every variant once per round).
         iters: timed rounds; the median is reported.
         dtype: ``fp32``, or ``fp16`` / ``bf16`` autocast (CUDA only).
-        compile: wrap every variant in ``torch.compile``.
+        compile: wrap every variant in ``torch.compile``; each row then records the graph breaks
+            TorchDynamo makes in its forward (``graph_breaks``, 0 for a whole-graph merge).
         image_size: input side; None takes the model's own.
         progress: show a tqdm bar over the timed rounds.
     """
@@ -180,6 +189,7 @@ class ThroughputEvaluator:
         for variant in variants:
             variant.tokens = _tokens(variant.module, unmerged_tokens)
             if self.compile:
+                variant.graph_breaks = count_graph_breaks(variant.module, probe)
                 variant.module = torch.compile(variant.module)
         autocast = (
             torch.autocast(device.type, dtype=DTYPES[self.dtype]) if self.dtype != "fp32" else nullcontext()
@@ -225,6 +235,7 @@ class ThroughputEvaluator:
                 "tokens": variant.tokens,
                 "flop_speedup": base.flops / variant.flops if variant.flops else float("nan"),
                 "peak_memory_mb": variant.peak_memory_mb,
+                **({"graph_breaks": variant.graph_breaks} if self.compile else {}),
             }
         results["setup"] = {
             "device": str(device),

@@ -5,6 +5,20 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from spatialmerge.adapters.schedule import label
+from spatialmerge.evaluators.metrics import is_percent
+
+
+def metric_text(key: str, value: Any) -> str:
+    """One metric as the terminal shows it: percentages with %, their differences in points
+    (``delta_miou=-0.70 pt``), small values with their significant digits (a learning rate of
+    3.9e-08 is not 0.000)."""
+    if not isinstance(value, float):
+        return str(value)
+    if is_percent(key):
+        return f"{value:+.2f} pt" if key.startswith("delta_") else f"{value:.2f}%"
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.3f}"
 
 
 def format_summary(payload: Mapping[str, Any]) -> str:
@@ -22,11 +36,12 @@ def format_summary(payload: Mapping[str, Any]) -> str:
         setup = speed["setup"]
         lines.append(
             f"throughput ({setup['device']}, {setup['dtype']}, batch {setup['batch_size']}, "
-            f"{setup['iters']} rounds; img/s: median round, speed-up: median of per-round ratios):"
+            f"{setup['iters']} rounds{', torch.compile' if setup.get('compile') else ''}; img/s: median round, speed-up: median of per-round ratios):"
         )
         header = (
             f"  {'variant':<10} {'tokens':>7} {'GFLOPs':>9} {'img/s':>9} {'speed-up':>9} "
             f"{'(IQR over rounds)':>18} {'FLOP-ideal':>11}"
+            + (f" {'graph breaks':>13}" if setup.get("compile") else "")
         )
         lines.append(header)
         noisy = []
@@ -38,10 +53,17 @@ def format_summary(payload: Mapping[str, Any]) -> str:
             lines.append(
                 f"  {name:<10} {tokens:>7} {row['gflops']:>9.1f} {row['img_s']:>9.3f} "
                 f"{row['speedup']:>8.2f}x {spread:>18} {row['flop_speedup']:>10.2f}x"
+                + (f" {row['graph_breaks']:>13}" if setup.get("compile") else "")
                 + ("  noisy" if row.get("noisy") else "")
             )
             if row.get("noisy"):
                 noisy.append(f"{name}: {'; '.join(row.get('noise') or ['spread'])}")
+        broken = [name for name, row in speed.items() if name not in ("setup", "seconds") and row.get("graph_breaks")]
+        if broken:
+            lines.append(
+                f"  warning: graph breaks in {', '.join(broken)}: torch.compile runs those forwards in pieces, "
+                "with eager Python between them, so their timing is not a whole-graph one"
+            )
         for text in noisy:
             lines.append(
                 f"  warning: noisy timing, {text}; time on an idle machine or raise "
@@ -51,9 +73,7 @@ def format_summary(payload: Mapping[str, Any]) -> str:
         if name == "throughput":
             continue
         shown = ", ".join(  # lists (e.g. skipped file names) stay in results.json
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in values.items()
-            if k != "seconds" and not isinstance(v, list)
+            f"{k}={metric_text(k, v)}" for k, v in values.items() if k != "seconds" and not isinstance(v, list)
         )
         lines.append(f"{name}: {shown}")
     lines.extend(f"note: {note}" for note in payload.get("notes", []))
