@@ -3,7 +3,7 @@
     python eval.py                                 # trained DINOv2 ViT-S/14 on 12 real photos
     python eval.py model=sam_b_random              # SAM-B random weights: throughput + FLOPs
     python eval.py experiment=sam_h_coco           # SAM-H, COCO mIoU merged and unmerged + throughput
-    python eval.py -m merge=none,cubist,tome,expedite merge.ratio=0.1,0.2,0.3
+    python eval.py -m merge=cubist,tome,expedite merge.ratio=0.1,0.2,0.3  # each job beside its unmerged model
     torchrun --nproc_per_node=8 eval.py model=deit_b merge.loc=1 merge.r_h=1 merge.r_w=1
 
 Every run writes results.json (status, resolved config, metrics, environment) to its run

@@ -5,10 +5,12 @@
     python scripts/benchmark.py --device cuda --dtype fp16
     python scripts/benchmark.py --tiny --iters 1         # tiny models: checks the script runs
 
-Prints a markdown table and writes it, with the setup, to --out (JSON).
+Prints a markdown table and writes it, with the setup, to --out (JSON; by default a new
+logs/benchmark/<time>/benchmark.json; an existing file is never overwritten).
 """
 
 import argparse
+import os
 import platform
 import shlex
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from spatialmerge import project_root
 from spatialmerge.distributed import resolve_device
 from spatialmerge.evaluators.benchmark import default_suites, format_rows, run_suite
 from spatialmerge.results import environment, write_json_atomic
@@ -45,7 +48,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed rounds; the median is reported")
     parser.add_argument("--batch-size", type=int, default=None, help="override every suite's batch size")
     parser.add_argument("--tiny", action="store_true", help="tiny random architectures (seconds, for checks)")
-    parser.add_argument("--out", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON to write (default: logs/benchmark/<time>/benchmark.json of the project root, "
+                             "SPATIALMERGE_ROOT if set); never overwritten")
     args = parser.parse_args()
     for name in ("warmup", "iters", "batch_size"):
         value, low = getattr(args, name), 0 if name == "warmup" else 1
@@ -58,6 +63,10 @@ def main() -> None:
     if args.dtype != "fp32" and device.type != "cuda":
         parser.error(f"--dtype {args.dtype} is CUDA autocast; on {device.type} use --dtype fp32")
 
+    root = Path(os.environ.get("SPATIALMERGE_ROOT") or project_root())
+    out = args.out or root / "logs" / "benchmark" / time.strftime("%Y-%m-%d_%H-%M-%S") / "benchmark.json"
+    if out.exists():
+        parser.error(f"--out {out} exists; a benchmark never overwrites a file: choose another --out")
     suites = default_suites(tiny=args.tiny, batch_size=args.batch_size)
     chosen = [name.strip() for name in args.suites.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(suites))
@@ -79,12 +88,13 @@ def main() -> None:
         "iters": args.iters,
         "tiny": args.tiny,
     }
-    write_json_atomic(args.out, {"setup": setup, "environment": environment(args.device), "rows": rows})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, {"setup": setup, "environment": environment(args.device), "rows": rows})
     print(table)
     if noisy:
-        print(f"warning: noisy timings (see 'noise' in {args.out}): {', '.join(noisy)}; benchmark on an idle "
+        print(f"warning: noisy timings (see 'noise' in {out}): {', '.join(noisy)}; benchmark on an idle "
               "machine or raise --iters")
-    print(f"written: {args.out}")
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

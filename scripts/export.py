@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="onnx", choices=deploy.FORMATS,
                         help="onnx (onnxruntime) or export (a torch.export .pt2 program)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="file to write (default: logs/export/<time>/encoder.onnx or .pt2); never overwritten")
+                        help="file to write (default: <paths.log_dir>/export/<time>/encoder.onnx or .pt2, logs/ of the "
+                             "checkout); never overwritten")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds, one call of each per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each before the rounds")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.rounds < 1 or args.warmup < 0:
             raise ValueError(f"--rounds={args.rounds} must be >= 1 and --warmup={args.warmup} >= 0")
-        out = args.out or ROOT / "logs" / "export" / time.strftime("%Y-%m-%d_%H-%M-%S") / (
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=args.overrides)
+        out = args.out or Path(cfg.paths.log_dir) / "export" / time.strftime("%Y-%m-%d_%H-%M-%S") / (
             "encoder" + deploy.SUFFIX[args.format]
         )
         if out.exists():
             raise FileExistsError(f"{out} exists; an export never overwrites a file: choose another --out")
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose(config_name="eval", overrides=args.overrides)
         torch.manual_seed(cfg.seed)
         model = instantiate(cfg.model).eval()
         schedule = resolve_merge(model, cfg.merge)

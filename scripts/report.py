@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="log the report to W&B: auto = when the sweep used logger=wandb")
     args = parser.parse_args(argv)
     out = args.out or args.dirs[0]
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file; the report is a directory (report.md, report.csv, pareto.png): "
+              "choose a directory", file=sys.stderr)
+        return 1
     try:
         results = collect_results(args.dirs)
     except FileNotFoundError as err:

@@ -59,14 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", default=None,
                         help="evaluator/metric to maximise, e.g. fidelity/feature_cosine (default: the first "
                              "of miou/miou, top1/top1, fidelity/feature_cosine, ... the evaluators report)")
-    parser.add_argument("--dir", type=Path, default=None, help="study directory (default: logs/search/<time>)")
+    parser.add_argument("--dir", type=Path, default=None, help="study directory (default: <paths.log_dir>/search/<time>, logs/ of the checkout)")
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials {args.trials} must be >= 1")
     if args.target_speedup is not None and args.target_speedup <= 0:
         parser.error(f"--target-speedup {args.target_speedup} must be > 0, e.g. 1.5")
-    directory = args.dir or ROOT / "logs" / "search" / time.strftime("%Y-%m-%d_%H-%M-%S")
     try:
         space = SearchSpace(
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=args.overrides)
+        directory = args.dir or Path(cfg.paths.log_dir) / "search" / time.strftime("%Y-%m-%d_%H-%M-%S")
         search = ScheduleSearch(cfg, directory, space, quality=args.quality, seed=args.seed)
         logger = instantiate(cfg.logger) if "logger" in cfg else None
         if logger is not None:
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(result.trials)} trials: {len(result.trials) - pruned - failed} measured, {pruned} pruned "
           f"(schedules the backbone cannot run), {failed} failed; Pareto front:")
     print(front_table(result))
+    if failed and len(result.trials) - pruned - failed == 0:
+        reason = next(t["reason"] for t in result.trials if t["state"] == "fail")
+        print(f"error: every trial failed (trial 0: {reason}); the records are in {directory / 'trials'}",
+              file=sys.stderr)
+        return 1
     command = ["python", "eval.py", *args.overrides, f"hydra.searchpath=[file://{Path(directory).resolve()}]"]
     if args.target_speedup is not None:
         if result.note:

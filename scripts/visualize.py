@@ -15,6 +15,7 @@ still show the mechanics (which patches are combined), not what a trained model 
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                              "or X for merge=X), e.g. cubist,expedite_auto,pool")
     parser.add_argument("--fidelity", action="store_true",
                         help="add per-patch cosine similarity of merged+recovered vs unmerged features")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: <image name>_merges.png in the current directory)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: <paths.log_dir>/visualize/<time>/<image name>_merges.png, "
+                             "logs/ of the checkout); never overwritten")
     parser.add_argument("--panel-width", type=int, default=None,
                         help="draw each panel this many pixels wide (default: the model input's width)")
     parser.add_argument("--seed", type=int, default=0, help="colour seed")
@@ -76,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         random = cfg.model.get("checkpoint") is None
         weights = "random weights: the mechanics only" if random else "trained weights"
         title = f"{cfg.model.name} ({weights}) · merge {schedule_text(schedule)} · {args.image.name}"
-        out = args.out or Path(f"{args.image.stem}_merges.png")
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        out = args.out or Path(cfg.paths.log_dir) / "visualize" / stamp / f"{args.image.stem}_merges.png"
+        if out.exists():
+            raise FileExistsError(f"{out} exists; a picture never overwrites a file: choose another --out")
+        out.parent.mkdir(parents=True, exist_ok=True)
         maps = merge_figure(
             model, image, merges, out, title, fidelity=args.fidelity, seed=args.seed, panel_width=args.panel_width
         )

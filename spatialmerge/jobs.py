@@ -3,10 +3,12 @@ user mistakes, and exit codes that keep multiruns going."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spatialmerge import distributed
 from spatialmerge.data import DatasetLayoutError
-from spatialmerge.loggers import RunLogger
+from spatialmerge.loggers import RunLogger, sweep_group
 from spatialmerge.models import (
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -86,17 +88,96 @@ class RecordExistsError(FileExistsError):
     """The run directory already holds another job's results.json."""
 
 
-def _refuse_to_replace(run_dir: Path, continues: bool) -> None:
-    """Exit with one line when ``run_dir`` already records another run, before writing there."""
+class RunDirectoryBusyError(FileExistsError):
+    """Another live process is writing the run directory."""
+
+
+# Held by the process writing a run directory (its pid inside), removed when it is done: a
+# second process pointed at the same directory is refused instead of mixing two runs' files.
+LOCK_FILE = ".running"
+_held_locks: set[Path] = set()
+
+
+def _refuse(err: Exception) -> None:
+    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _recorded_status(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("status"))
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+
+
+def _refuse_to_replace(run_dir: Path, resuming: bool) -> None:
+    """Exit with one line when ``run_dir`` already records a run this job may not continue,
+    before writing there. Only an unfinished training run (checkpoints, a record whose status
+    is not ok) continues, and only with ``trainer.resume``; a finished run, an evaluation
+    record, anything else is never rewritten."""
     existing = run_dir / RESULTS_FILE
-    if existing.exists() and not continues:
-        err = RecordExistsError(
-            f"{existing} already records another run; a job never overwrites another job's "
-            "record: choose a new directory (leave hydra.run.dir unset for a fresh timestamped "
-            "one), or continue that training run with trainer.resume=auto"
-        )
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(1)
+    if not existing.exists():
+        return
+    status = _recorded_status(existing)
+    unfinished_training = (run_dir / "checkpoints").is_dir() and status != "ok"
+    if resuming and unfinished_training:
+        return
+    fresh = "choose a new directory (leave hydra.run.dir unset for a fresh timestamped one)"
+    if resuming and (run_dir / "checkpoints").is_dir():
+        why = (f"{existing} records a finished training run (status ok): resuming would rewrite its "
+               f"record; its weights are in {run_dir / 'checkpoints'}: {fresh}")
+    elif resuming:
+        why = (f"{existing} records a run without training checkpoints (status {status}); only an "
+               f"unfinished training run continues with trainer.resume: {fresh}")
+    else:
+        why = (f"{existing} already records another run; a job never overwrites another job's record: "
+               f"{fresh}" + (", or continue that unfinished training run with trainer.resume=auto"
+                             if unfinished_training else ""))
+    _refuse(RecordExistsError(why))
+
+
+def _lock(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this process (rank 0 of a torchrun), or exit with one line if a live
+    process holds it; a lock left by a killed process is taken over."""
+    run_dir = run_dir.resolve()
+    if run_dir in _held_locks or int(os.environ.get("RANK", "0")) != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None:
+                _refuse(RunDirectoryBusyError(
+                    f"{run_dir} is being written by another process (pid {holder}); two runs never share "
+                    "a directory: wait for it to finish or leave hydra.run.dir unset for a fresh one"
+                ))
+            path.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(handle, "w") as lock:
+            lock.write(str(os.getpid()))
+        _held_locks.add(run_dir)
+        atexit.register(_unlock, run_dir)
+        return
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid of the live process holding a lock file, None for a stale one."""
+    try:
+        pid = int(path.read_text().strip() or "0")
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 else None
+
+
+def _unlock(run_dir: Path) -> None:
+    run_dir = run_dir.resolve()
+    if run_dir in _held_locks:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        _held_locks.discard(run_dir)
 
 
 def run_job(
@@ -120,6 +201,7 @@ def run_job(
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     _refuse_to_replace(run_dir, continues_run(cfg))
+    _lock(run_dir)
     started, status, error, outcome = time.time(), "failed", None, None
     logger: RunLogger | None = None
     interrupted = False
@@ -129,7 +211,7 @@ def run_job(
         if distributed.is_main():
             logger = instantiate(cfg.logger)
             config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-            group = Path(hydra_cfg.sweep.dir).name if multirun else None
+            group = sweep_group(hydra_cfg, sys.argv[1:], Path(hydra_cfg.sweep.dir)) if multirun else None
             logger.start(run_dir, config, name=run_name(cfg), group=group)
         outcome = work(run_dir, logger)
         status = "ok"
@@ -143,7 +225,9 @@ def run_job(
     except Exception as err:  # recorded, then re-raised: a bug deserves its traceback
         outcome = getattr(err, "partial_outcome", None)
         error = f"{type(err).__name__}: {err}"
-        raise
+        if not multirun:
+            raise
+        traceback.print_exc()  # a multirun records it and goes on to its other jobs
     finally:
         if distributed.is_main():
             payload = record(run_dir, cfg, outcome, status, error, started)
@@ -157,6 +241,7 @@ def run_job(
             if status == "ok":
                 print(format_summary(payload))
             print(f"results: {run_dir / 'results.json'}")
+            _unlock(Path(hydra_cfg.runtime.output_dir))
         distributed.cleanup()
     if interrupted:
         print(f"interrupted: {error}; recorded in {run_dir / RESULTS_FILE}", file=sys.stderr)
@@ -177,6 +262,7 @@ class RecordGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._guard(Path(config.hydra.run.dir), config)
+        _lock(Path(config.hydra.run.dir))  # before Hydra writes .hydra/ there
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         found = sorted(Path(config.hydra.sweep.dir).glob(f"*/{RESULTS_FILE}"))

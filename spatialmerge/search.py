@@ -113,6 +113,10 @@ def suggest_merge(trial: optuna.Trial, space: SearchSpace, depth: int, windows: 
     return merge
 
 
+class QualityMissingError(ValueError):
+    """The trial's metrics hold no quality the search can maximise: a setting of the search."""
+
+
 def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str, float]:
     """(key, value) of the quality a trial is judged by: ``key`` (``evaluator/metric``), or the
     first of ``QUALITY_KEYS`` the metrics hold."""
@@ -122,11 +126,32 @@ def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str,
         if isinstance(value, (int, float)):
             return candidate, float(value)
     offered = sorted(f"{e}/{k}" for e, v in metrics.items() if isinstance(v, dict) for k in v)
-    raise ValueError(
+    raise QualityMissingError(
         f"no quality {key or ' / '.join(QUALITY_KEYS)} in the trial's metrics; the configured "
         f"evaluators report {', '.join(offered) or 'nothing'}: add evaluator=features (fidelity) "
         "or name one of those with --quality"
     )
+
+
+def check_quality(key: str | None, evaluators: list[str]) -> None:
+    """Refuse, before the first trial, a quality the configured evaluators cannot report:
+    every trial would be timed and then fail."""
+    if key is None:
+        if not any(k.partition("/")[0] in evaluators for k in QUALITY_KEYS):
+            raise ValueError(
+                f"the configured evaluators ({', '.join(evaluators)}) report no quality to maximise "
+                f"beside the speed-up (one of {', '.join(QUALITY_KEYS)}); use e.g. evaluator=features "
+                "(fidelity + throughput), evaluator=segmentation or evaluator=classification"
+            )
+        return
+    evaluator, _, metric = key.partition("/")
+    if not metric or evaluator not in evaluators or evaluator == "throughput":
+        quality_evaluators = [e for e in evaluators if e != "throughput"]
+        raise ValueError(
+            f"--quality {key} must be <evaluator>/<metric> of a configured evaluator other than "
+            f"throughput ({', '.join(quality_evaluators) or 'none configured'}), e.g. "
+            f"{next((k for k in QUALITY_KEYS if k.partition('/')[0] in evaluators), 'fidelity/feature_cosine')}"
+        )
 
 
 @dataclass
@@ -138,6 +163,7 @@ class SearchResult:
     front: list[int] = field(default_factory=list)
     chosen: dict[str, Any] | None = None
     note: str = ""  # how the choice was made, where it needs saying (re-measured, fallbacks)
+    remeasured: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial -> its second timing
 
 
 def choose(
@@ -188,10 +214,12 @@ class ScheduleSearch:
                 f"evaluators are {', '.join(cfg.evaluator) or 'none'}; use e.g. evaluator=features "
                 "(fidelity + throughput) or evaluator=segmentation (miou + throughput)"
             )
+        check_quality(quality, list(cfg.evaluator))
         self.cfg = cfg
         self.directory = Path(directory)
         self.space = space
         self.quality = quality
+        self.setup_error: ValueError | None = None
         self.setup = {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True) if "dataset" in cfg else None,
@@ -249,6 +277,8 @@ class ScheduleSearch:
             self.model = instantiate(self.cfg.model)
         callbacks = [] if on_trial is None else [lambda study, trial: on_trial(self._entry(trial))]
         self.study.optimize(self._objective, n_trials=remaining, catch=(Exception,), callbacks=callbacks)
+        if self.setup_error is not None:  # the search's settings, not one schedule, were at fault
+            raise self.setup_error
 
     def _objective(self, trial: optuna.Trial) -> tuple[float, float]:
         model = self.model
@@ -270,19 +300,24 @@ class ScheduleSearch:
         cfg = self._trial_config(merge)
         started = time.time()
         ctx = EvalContext(model, merge, str(cfg.device), instantiate(cfg.dataset) if "dataset" in cfg else None)
+        metrics: dict[str, Any] = {}
         try:
             metrics = run_evaluators(cfg, ctx)
+            key, quality = quality_of(metrics, self.quality)
         except Exception as err:
-            record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": {}, "notes": []},
-                   "failed", f"{type(err).__name__}: {err}", started)
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            reason = f"{type(err).__name__}: {err}"
+            record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": []},
+                   "failed", reason, started)
+            trial.set_user_attr("error", reason)
+            if isinstance(err, QualityMissingError):  # every later trial would fail alike
+                self.setup_error = err
+                trial.study.stop()
             raise
         outcome = {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": [f"search trial {trial.number}"]}
         record(run_dir, cfg, outcome, "ok", None, started)
         timing = metrics["throughput"][merge["method"]]
         speedup = float(timing["speedup"])
         trial.set_user_attr("timing", {k: timing.get(k) for k in TIMING_KEYS})
-        key, quality = quality_of(metrics, self.quality)
         trial.set_user_attr("quality_key", key)
         trial.set_user_attr("tokens_out", schedule.get("tokens_out"))
         log.info("trial %d: %s -> %.2fx, %s %.4f", trial.number, label(merge), speedup, key, quality)
@@ -314,6 +349,8 @@ class ScheduleSearch:
         reason = trial.user_attrs.get("invalid") or trial.user_attrs.get("error")
         if reason is None and trial.number in self.study.user_attrs.get("interrupted", []):
             reason = "interrupted (the search was killed)"
+        if reason is None and trial.state == optuna.trial.TrialState.FAIL:
+            reason = "failed before its error was recorded (see the search's log)"
         return {
             "number": trial.number,
             "state": trial.state.name.lower(),
@@ -378,7 +415,7 @@ class ScheduleSearch:
         configured = int(OmegaConf.select(self.cfg, "evaluator.throughput.iters", default=5) or 5)
         remeasured = self.remeasure(candidates, rounds or max(10, 2 * configured), measure)
         chosen, note = choose(candidates, remeasured, target_speedup)
-        return SearchResult(result.directory, result.trials, result.front, chosen, note)
+        return SearchResult(result.directory, result.trials, result.front, chosen, note, dict(remeasured))
 
 
 def _jsonable(value: Any) -> Any:
@@ -411,6 +448,7 @@ def write_outputs(result: SearchResult, target_speedup: float | None) -> dict[st
         "target_speedup": target_speedup,
         "chosen": result.chosen,
         "choice_note": result.note,
+        "remeasured": {str(n): row for n, row in result.remeasured.items()},  # what the choice read
         "front": [by_number[n] for n in result.front],
         "trials": result.trials,
     }

@@ -27,6 +27,12 @@ METRICS: tuple[str, ...] = ("tokens", "keys", "normed")
 POSITIONS: tuple[str, ...] = ("grid", "centroid")
 ALIGNS: tuple[str, ...] = ("none", "window")
 SCHEDULE_KEYS: tuple[str, ...] = ("loc", "ratio", "r_h", "r_w", "stages", "r")
+# What ``merge=none`` (configs/merge/none.yaml) holds: no schedule, the variants at the paper's
+# choice. Any other value would be an option the unmerged model does not use.
+UNMERGED_VALUES: dict[str, Any] = {
+    "align": "none", "reduce": "maxmag", "collisions": "exact", "metric": "tokens",
+    "positions": "grid", "recover": False,
+}
 
 
 def default_prop_attn(method: str, per_layer: bool) -> bool:
@@ -34,6 +40,24 @@ def default_prop_attn(method: str, per_layer: bool) -> bool:
     ToMe uses proportional attention; CubistMerge (the paper), Expedite and the grid baselines
     do not."""
     return method == "tome" and per_layer
+
+
+def check_unmerged(options: Mapping[str, Any]) -> None:
+    """Refuse a ``merge=none`` config that sets an option: the unmerged model would run and the
+    option would be silently ignored (e.g. ``merge=none merge.ratio=0.1``)."""
+    unused = {k: v for k, v in options.items() if v != UNMERGED_VALUES.get(k)}
+    if unused:
+        shown = ", ".join(f"merge.{k}={v}" for k, v in unused.items())
+        reset = " ".join(f"merge.{k}={_config_text(UNMERGED_VALUES.get(k))}" for k in unused)
+        raise ValueError(
+            f"merge=none runs the unmerged model, which does not use {shown}; drop "
+            f"{'it' if len(unused) == 1 else 'them'} ({reset}) or choose a method, e.g. merge=cubist"
+        )
+
+
+def _config_text(value: Any) -> str:
+    """``value`` as a Hydra override writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def with_default_loc(options: Mapping[str, Any], loc: int) -> dict[str, Any]:
@@ -56,6 +80,7 @@ def merge_options(merge: Mapping[str, Any], default_loc: int | None = None) -> d
     options = dict(OmegaConf.to_container(OmegaConf.create(dict(merge)), resolve=True))
     method = options.pop("method")
     if method == "none":
+        check_unmerged(options)
         return None
     schedule = {k: options.pop(k, None) for k in SCHEDULE_KEYS}
     if schedule["r"] is not None:
@@ -72,11 +97,22 @@ def merge_options(merge: Mapping[str, Any], default_loc: int | None = None) -> d
             )
         chosen: dict[str, Any] = {"r": schedule["r"]}
     elif schedule["stages"]:
+        if schedule["loc"] is not None:
+            raise ValueError(
+                f"merge.stages={schedule['stages']} gives each merge its block, so merge.loc={schedule['loc']} "
+                "would be ignored; drop it (merge.loc=null)"
+            )
         chosen = {"stages": schedule["stages"]}
     elif schedule["r_h"] is not None or schedule["r_w"] is not None:
         chosen = {"loc": schedule["loc"], "r_h": schedule["r_h"], "r_w": schedule["r_w"]}
     else:
         chosen = {"loc": schedule["loc"], "ratio": schedule["ratio"]}
+    if chosen.get("ratio") == 0 or (chosen.get("r_h") == 0 and chosen.get("r_w") == 0):
+        given = "merge.ratio=0" if chosen.get("ratio") == 0 else "merge.r_h=0 merge.r_w=0"
+        raise ValueError(
+            f"{given} merges nothing: the run would be the unmerged model recorded as {method}; use "
+            "merge=none for the unmerged model, or a ratio in (0, 0.5) / r_h, r_w >= 1 for a merge"
+        )
     if default_loc is not None:
         chosen = with_default_loc(chosen, default_loc)
     # what runs, not only what was asked: null is the method's own default
@@ -232,6 +268,8 @@ class MergeConfig:
         single = loc is not None or r_h is not None or r_w is not None or ratio is not None
         if stages and single:
             raise ValueError("give either stages=[...] or loc with r_h/r_w or ratio, not both")
+        if not isinstance(recover, bool):
+            raise ValueError(f"recover={recover!r} must be true or false")
         if prop_attn is not None and not isinstance(prop_attn, bool):
             raise ValueError(
                 f"prop_attn={prop_attn!r} must be true, false or null (the method's default: on "
@@ -257,7 +295,7 @@ class MergeConfig:
         elif single:
             if loc is None:
                 raise ValueError(f"{method} needs loc (the block index to merge before), e.g. loc=3")
-            parsed = (Stage(int(loc), r_h, r_w, ratio),)
+            parsed = (Stage(loc, r_h, r_w, ratio),)  # Stage checks loc: 1.5 or True is no block
         else:
             raise ValueError(
                 f"{method} needs a schedule: loc with r_h and r_w or ratio, or stages=[...]"

@@ -11,7 +11,7 @@ grid, which is what the neck receives, and the next stage's q-pool pools that re
 Continuing with the reduced grid through the q-pool instead would speed up the following stage
 too, but its recovery would have to guess how pooled merged tokens map back to pooled cells. On
 Hiera-B+ the fourth stage costs 3 of 24 equal-FLOP blocks, so ending the merge at the stage
-boundary gives away little (measured in the README's SAM 2 rows) and keeps the recovery exact.
+boundary gives away little (measured in docs/library.md and docs/benchmark.md's SAM 2 rows) and keeps the recovery exact.
 
 With ``prop_attn`` the merged stage's blocks run their attention under ``key_bias`` (the size
 map partitioned into each block's windows as its tokens are; the bias ends with the merge).

@@ -17,6 +17,7 @@ from spatialmerge.adapters.adapter import Adapter
 from spatialmerge.adapters.config import MergeConfig, with_default_loc
 from spatialmerge.adapters.runtime import PatchState
 from spatialmerge.adapters.schedule import Schedule, resolve_stage
+from spatialmerge.merging.expedite import check_expedite_options
 from spatialmerge.merging.tome import parse_r
 
 STATE_ATTR = "_spatialmerge"
@@ -83,18 +84,28 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
 
     Patching a patched model replaces the patch; ``method="none"`` is ``unpatch``. Without
     ``loc``, a single merge goes before block ``depth // 4`` (as the configs' ``loc: null``).
-    See ``MergeConfig.create`` for every option.
+    See ``MergeConfig.create`` for every option. A request this backbone cannot run raises
+    and leaves the model as it was (patched with its previous schedule, or not at all).
     """
+    previous = patch_state(model)
     unpatch(model)
-    schedule = resolve_schedule(model, method, **options)
-    if schedule is None:
-        return model
-    adapter = find_adapter(model)
-    target = adapter.target(model)
-    state = PatchState(schedule.config, adapter, type(target), schedule)
-    target.__class__ = _patched_class(type(target), adapter)
-    setattr(target, STATE_ATTR, state)
+    try:
+        schedule = resolve_schedule(model, method, **options)
+    except Exception:
+        if previous is not None:
+            _apply(model, previous)
+        raise
+    if schedule is not None:
+        adapter = find_adapter(model)
+        _apply(model, PatchState(schedule.config, adapter, type(adapter.target(model)), schedule))
     return model
+
+
+def _apply(model: nn.Module, state: PatchState) -> None:
+    """Run ``model``'s block loop through ``state`` (its adapter's patched forward)."""
+    target = state.adapter.target(model)
+    target.__class__ = _patched_class(state.original_class, state.adapter)
+    setattr(target, STATE_ATTR, state)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -146,6 +157,13 @@ def resolve_schedule(model: nn.Module, method: str = "cubist", **options: Any) -
             region, hw = adapter.region(target, stage.loc), adapter.grid_at(model, target, stage.loc)
         stages.append(resolve_stage(config, stage, hw, adapter.window_at(target, stage.loc)))
         hw = stages[-1].grid_out
+    if config.method == "expedite":  # before any forward, with the merged grid's centroids
+        (merged,) = stages
+        side = merged.window_side
+        centroids = side * side if side is not None else merged.grid_out[0] * merged.grid_out[1]
+        options = config.grid_options()
+        check_expedite_options(options["n_iters"], options["window_size"], options["temperature"],
+                               options["reconstruct"], options["k"], centroids)
     return Schedule(config, ran, stages[0].grid_in, tuple(stages))
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from spatialmerge.adapters.config import MergeConfig, Stage
+from spatialmerge.merging.cubist import check_removal
 
 BASELINE_METHOD = "none"
 # The variant options whose default is the paper's method: a label names them only when changed.
@@ -49,6 +50,14 @@ def resolve_stage(config: MergeConfig, stage: Stage, hw: tuple[int, int], window
     attention window is ``window`` (None: global): a ratio and ``align`` turned into rows and
     columns, a per-window budget into its whole windows."""
     r_h, r_w = stage.removal(hw, window, config.align)
+    for r, n, axis in ((r_h, hw[0], "r_h"), (r_w, hw[1], "r_w")):
+        if config.method == "cubist":  # one pass pairs each removed token with a kept neighbour
+            check_removal(r, n, axis)
+        elif not 0 <= r < n:
+            raise ValueError(
+                f"{axis}={r} is out of range for a side of {n} tokens before block {stage.loc}: "
+                f"{config.method} keeps at least one, so remove between 0 and {n - 1}"
+            )
     if config.windowed:
         assert window is not None  # Adapter.check refuses windowed on a backbone without windows
         side = window_budget(hw, (r_h, r_w), window)

@@ -60,6 +60,12 @@ class Top1Evaluator(DatasetEvaluator):
         model's own timm evaluation transform, and with ``baseline`` the unmerged one on the
         same images (``unmerged_top1``, ``delta_top1``, ... beside ``top1``)."""
         model = ctx.merged_model()
+        classes = getattr(model, "num_classes", None)
+        if isinstance(classes, int) and classes > 0 and max(self.ks) > classes:  # before any image
+            raise ValueError(
+                f"evaluator.top1.ks={list(self.ks)} asks for top-{max(self.ks)} of the model's "
+                f"{classes} classes; use ks up to {classes}, e.g. evaluator.top1.ks=[1,{min(5, classes)}]"
+            )
         dataset = ctx.dataset(transform=find_adapter(model).eval_transform(model))
         merged = self.evaluate(model, dataset, ctx.device)
         if not self.baseline or ctx.merge is None:

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 class RunLogger:
     """Base class: a logger that records nothing. Subclasses override what they support.
 
-    ``start`` is called once with the run directory, the resolved config and a group name (the
-    sweep's directory for multiruns, else None); ``finish`` is called exactly once, with
+    ``start`` is called once with the run directory, the resolved config and a group name (for
+    a multirun's jobs :func:`sweep_group`, else None); ``finish`` is called exactly once, with
     ``status`` ``"ok"`` or ``"failed"``, also when the job raised.
     """
 
@@ -57,3 +57,17 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def sweep_group(hydra_cfg: Any, overrides: list[str], sweep_dir: Path) -> str:
+    """The logger group of a multirun's jobs, named after the sweep: its sweep config (or the
+    task), the keys it sweeps (``overrides`` as the command line gave them, and the sweep
+    config's ``hydra.sweeper.params``) and its directory, named when it started, e.g. ``sam_schedules: merge.ratio,
+    merge (2026-12-03_16-45-29)``; the time keeps two runs of one sweep apart."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    name = hydra_cfg.runtime.choices.get("sweep") or str(hydra_cfg.job.name)
+    given = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    keys = [o.key_or_group for o in given if o.is_sweep_override()]
+    keys += [str(k) for k in (hydra_cfg.sweeper.get("params") or {}) if str(k) not in keys]
+    return f"{name}: {', '.join(keys) or 'no swept key'} ({Path(sweep_dir).name})"

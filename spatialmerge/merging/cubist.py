@@ -47,7 +47,8 @@ def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(valid)}")
 
 
-def _check_r(r: int, n: int, axis: str) -> None:
+def check_removal(r: int, n: int, axis: str) -> None:
+    """Refuse removing ``r`` tokens from a side of ``n`` in one CubistMerge pass (0..n // 2)."""
     if not isinstance(r, int) or isinstance(r, bool):
         raise ValueError(f"{axis}={r!r} must be an int (tokens removed per pass)")
     if r < 0 or r > n // 2:
@@ -286,7 +287,7 @@ def merge_1d(
         int64, the position in y of the token that holds each original position.
     """
     n = x.shape[-2]
-    _check_r(r, n, "r")
+    check_removal(r, n, "r")
     check_choice("reduce", reduce, REDUCE_RULES)
     check_choice("collisions", collisions, COLLISION_RULES)
     lead = x.shape[:-2]
@@ -341,8 +342,8 @@ def cubist_merge(
     if x.dim() != 4:
         raise ValueError(f"cubist_merge expects a (B, H, W, C) grid, got shape {tuple(x.shape)}")
     b, h, w, _ = x.shape
-    _check_r(r_w, w, "r_w")
-    _check_r(r_h, h, "r_h")
+    check_removal(r_w, w, "r_w")
+    check_removal(r_h, h, "r_h")
     check_choice("reduce", reduce, REDUCE_RULES)
     check_choice("collisions", collisions, COLLISION_RULES)
     if r_h == 0 and r_w == 0:

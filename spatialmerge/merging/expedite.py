@@ -69,6 +69,48 @@ class ExpediteRecord:
     reconstruct: str = "l2"  # "l2" (the references') or "softmax"
 
 
+def check_expedite_options(
+    n_iters: int, window_size: int, temperature: float | str, reconstruct: str, k: int | None,
+    num_centroids: int | None = None,
+) -> None:
+    """Refuse Expedite settings it cannot run, naming the value and the references' choice;
+    ``k`` is also checked against ``num_centroids`` where the merged grid is known."""
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"n_iters={n_iters!r} must be an int >= 1; Expedite uses 5")
+    if (
+        isinstance(window_size, bool)
+        or not isinstance(window_size, int)
+        or window_size < 1
+        or window_size % 2 == 0
+    ):
+        raise ValueError(
+            f"window_size={window_size!r} must be a positive odd int so the window is centred "
+            f"on each token's own cell; Expedite uses 5"
+        )
+    auto = temperature == "auto"
+    if not auto and (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf
+    ):
+        raise ValueError(
+            f"temperature={temperature!r} must be a finite number > 0 or 'auto'; the references "
+            "use 0.01 (DINOv3 port) and 0.1 (Expedit-SAM)"
+        )
+    if reconstruct not in RECONSTRUCT_RULES:
+        raise ValueError(
+            f"reconstruct={reconstruct!r} is not supported; choose one of {', '.join(RECONSTRUCT_RULES)}"
+        )
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be an int >= 1, or None to mix all centroids")
+        if num_centroids is not None and k > num_centroids:
+            raise ValueError(
+                f"k={k} exceeds the {num_centroids} centroids of the merged grid; "
+                f"pass k <= {num_centroids}, or k=None to mix all centroids"
+            )
+
+
 def expedite_cluster(
     x: Tensor,
     out_hw: tuple[int, int],
@@ -96,41 +138,8 @@ def expedite_cluster(
         raise ValueError(f"x must be a (B, H, W, C) token grid, got shape {tuple(x.shape)}")
     batch, height, width, channels = x.shape
     out_h, out_w = _check_out_hw(out_hw, height, width)
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"n_iters={n_iters!r} must be an int >= 1; Expedite uses 5")
-    if (
-        isinstance(window_size, bool)
-        or not isinstance(window_size, int)
-        or window_size < 1
-        or window_size % 2 == 0
-    ):
-        raise ValueError(
-            f"window_size={window_size!r} must be a positive odd int so the window is centred "
-            f"on each token's own cell; Expedite uses 5"
-        )
+    check_expedite_options(n_iters, window_size, temperature, reconstruct, k, out_h * out_w)
     auto = temperature == "auto"
-    if not auto and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not 0 < temperature < math.inf
-    ):
-        raise ValueError(
-            f"temperature={temperature!r} must be a finite number > 0 or 'auto'; the references "
-            "use 0.01 (DINOv3 port) and 0.1 (Expedit-SAM)"
-        )
-    if reconstruct not in RECONSTRUCT_RULES:
-        raise ValueError(
-            f"reconstruct={reconstruct!r} is not supported; choose one of {', '.join(RECONSTRUCT_RULES)}"
-        )
-    num_centroids = out_h * out_w
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r} must be an int >= 1, or None to mix all centroids")
-        if k > num_centroids:
-            raise ValueError(
-                f"k={k} exceeds the {num_centroids} centroids of the {out_h}x{out_w} grid; "
-                f"pass k <= {num_centroids}, or k=None to mix all centroids"
-            )
 
     # float32 even under autocast: squared distances of fp16/bf16 features lose the small
     # differences the softmax depends on

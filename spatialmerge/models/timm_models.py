@@ -75,35 +75,18 @@ def build_timm_model(
         name: registry name of a timm-built model, e.g. ``"deit_b"`` or ``"dinov3_s"``.
         checkpoint: weights file in the official release format or timm's; None keeps random
             weights.
-        **overrides: keyword arguments for the timm model (``img_size``, ``depth``,
-            ``embed_dim``, ``num_heads``, ``num_classes``, ...).
+        **overrides: keyword arguments for the timm model (``depth``, ``embed_dim``,
+            ``num_heads``, ``num_classes``, ...), and ``image_size``, the input side every model
+            of this package takes (timm calls it ``img_size``).
     """
     info = model_info(name)
     if info.timm_name is None:
         raise ValueError(f"model {name!r} is not built by timm (family {info.family!r})")
-    _check_img_size(name, overrides.get("img_size"), overrides.get("patch_size", info.patch_size))
+    if "image_size" in overrides:  # checked by build_model against the patch size
+        overrides["img_size"] = overrides.pop("image_size")
     kwargs = {**_DEFAULTS.get(info.family, {}), **overrides}
     model = timm.create_model(info.timm_name, pretrained=False, **kwargs)
     if checkpoint is not None:
         filter_fn = _NAME_FILTERS.get(name, _FILTERS[info.family])
         load_checkpoint(model, checkpoint, filter_fn=filter_fn, model_name=name)
     return model.eval()
-
-
-def _check_img_size(name: str, img_size: object, patch: int) -> None:
-    """Refuse an input size the patch grid does not tile: timm would silently drop the rest."""
-    if img_size is None:
-        return
-    sides = list(img_size) if isinstance(img_size, (tuple, list)) else [img_size]
-    for side in sides:
-        if isinstance(side, bool) or not isinstance(side, int) or side < patch:
-            raise ValueError(
-                f"model.img_size={img_size!r} for {name!r} must be an int (or pair) of at least "
-                f"{patch} px, a multiple of its {patch}-px patches"
-            )
-        if side % patch:
-            low, high = side // patch * patch, (side // patch + 1) * patch
-            raise ValueError(
-                f"model.img_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
-                f"the nearest valid sizes are {low} and {high} (e.g. model.img_size={high})"
-            )

@@ -119,6 +119,23 @@ def render_cells(image: np.ndarray, labels: np.ndarray, tokens: int, seed: int =
     return out.round().clip(0, 255).astype(np.uint8)
 
 
+# Fidelity is drawn as -log10(1 - cosine): 1 is a cosine of 0.9, 2 of 0.99, 3 of 0.999 or better,
+# so the differences that matter near 1 (0.97 against 0.99) get distinct colours.
+FIDELITY_BEST = 3.0
+
+
+def fidelity_levels(cosines: np.ndarray) -> np.ndarray:
+    """Per-patch cosines -> -log10(1 - cosine), at most ``FIDELITY_BEST``."""
+    return -np.log10(np.clip(1.0 - cosines, 10 ** -FIDELITY_BEST, None))
+
+
+def fidelity_scale_floor(levels: list[np.ndarray]) -> float:
+    """The low end of the shared colour scale: the 2nd percentile of every panel's levels, so a
+    few outlier patches do not squeeze the rest into one colour (patches below it share the
+    darkest); at most 2 (a cosine of 0.99), so a near-lossless merge keeps a readable scale."""
+    return min(float(np.percentile(np.concatenate([m.ravel() for m in levels]), 2)), 2.0)
+
+
 def render_heatmap(
     values: np.ndarray, size_hw: tuple[int, int], vmin: float, vmax: float, cmap: str = "viridis"
 ) -> np.ndarray:
@@ -253,10 +270,11 @@ def merge_figure(
         with torch.inference_mode():
             reference, _ = find_adapter(model).dense_features(model, x)  # (1, C, H, W)
         heat = [fidelity_map(reference, m.features)[0].cpu().numpy() for m in maps]  # (H, W) each
-        vmin = min(float(h.min()) for h in heat)
-        vmin = min(vmin, 0.999)  # a lossless merge still gets a readable scale
-        panels.append([render_heatmap(h, pixels.shape[:2], vmin, 1.0) for h in heat])
+        levels = [fidelity_levels(h) for h in heat]
+        vmin = fidelity_scale_floor(levels)
+        panels.append([render_heatmap(lv, pixels.shape[:2], vmin, FIDELITY_BEST) for lv in levels])
         titles.append([f"{m.method}: mean cosine {h.mean():.3f}" for m, h in zip(maps, heat)])
-        colorbar = (vmin, 1.0, "viridis", "cosine to unmerged")
+        colorbar = (vmin, FIDELITY_BEST, "viridis",
+                    f"cosine to unmerged as -log10(1 - cos): 2 = 0.99, 3 = 0.999 (darkest: <= {1 - 10 ** -vmin:.3f})")
     save_panels(panels, titles, title, path, colorbar)
     return maps

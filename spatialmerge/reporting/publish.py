@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from spatialmerge.loggers import WandbLogger
+from spatialmerge.loggers import sweep_group as name_sweep_group
 from spatialmerge.reporting.table import COLUMN_KEYS
 
 WANDB_TARGET = "spatialmerge.loggers.WandbLogger"
@@ -23,15 +24,16 @@ def wandb_config(results: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def sweep_group(results: Sequence[Mapping[str, Any]], roots: Sequence[Path]) -> str | None:
-    """The W&B group eval.py gave the sweep's jobs: ``logger.group`` if set, else the name of the
-    sweep directory (the parent of a multirun job's directory)."""
+    """The W&B group eval.py gave the sweep's jobs: ``logger.group`` if set, else the name
+    :func:`spatialmerge.loggers.sweep_group` made from the sweep's ``multirun.yaml`` (the
+    command line and sweep config Hydra saved beside the jobs)."""
     logger = wandb_config(results) or {}
     if logger.get("group"):
         return str(logger["group"])
     for root in roots:
-        for hydra_file in sorted(Path(root).rglob(".hydra/hydra.yaml")):
-            if OmegaConf.load(hydra_file).hydra.get("mode") == "MULTIRUN":
-                return hydra_file.parent.parent.parent.name
+        for saved in sorted(Path(root).rglob("multirun.yaml")):
+            hydra_cfg = OmegaConf.load(saved).hydra
+            return name_sweep_group(hydra_cfg, list(hydra_cfg.overrides.task), saved.parent)
     return None
 
 

@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from spatialmerge.adapters.schedule import BASELINE_METHOD, method_label, schedule_text
@@ -94,6 +95,13 @@ def collect_results(dirs: Path | str | Iterable[Path | str]) -> list[dict[str, A
     return found
 
 
+# The fields of results.json the report reads, and the JSON types a run writes them as.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "status": (str,), "config": (dict,), "metrics": (dict,), "merge": (dict, type(None)),
+    "schedule": (dict, type(None)), "notes": (list,), "error": (str, type(None)),
+}
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     if path.exists():
@@ -107,8 +115,20 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
                 "error": f"unreadable {path}: it holds a JSON {type(payload).__name__}, not a run record",
                 "config": {},
             }
+        wrong = [f"{key!r} is a {type(payload[key]).__name__}" for key, kinds in RECORD_FIELDS.items()
+                 if key in payload and not isinstance(payload[key], kinds)]
+        if wrong:
+            return {"status": "failed", "error": f"unreadable {path}: {', '.join(wrong)}, not what a run records",
+                    "config": payload["config"] if isinstance(payload.get("config"), dict) else {}}
         return payload
-    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    saved = run_dir / ".hydra" / "config.yaml"
+    try:
+        config = OmegaConf.load(saved)
+    except (OSError, OmegaConfBaseException, yaml.YAMLError) as err:
+        why = " ".join(str(err).split())  # one line for the report's error column
+        return {"status": "failed", "error": f"unreadable {saved}: {type(err).__name__}: {why}", "config": {}}
+    if not isinstance(config, DictConfig):
+        return {"status": "failed", "error": f"unreadable {saved}: it holds a list, not a config", "config": {}}
     try:
         # Resolved like results.json's config, so the job lands in the same group as its siblings.
         container = OmegaConf.to_container(config, resolve=True)

@@ -26,7 +26,7 @@ from spatialmerge.loggers import RunLogger
 from spatialmerge.pipeline import EvalContext, instantiate, resolve_merge, run_evaluators
 from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import train_transform
-from spatialmerge.training.trainer import Trainer
+from spatialmerge.training.trainer import IDENTITY_VERSION, IDENTITY_VERSION_KEY, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,13 @@ def run_identity(cfg: DictConfig, merge: dict[str, Any] | None) -> dict[str, Any
     changes the result. A resume with different values would record a config the run never used."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     identity = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_KEYS and k != "_target_"}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    # every model option (an added +model.drop_path_rate changes what is trained, too)
+    identity.update({f"model.{k}": v for k, v in model.items() if k != "_target_"})
     identity.update({
-        "model.name": cfg.model.get("name"),
-        "model.checkpoint": cfg.model.get("checkpoint"),
         "merge": merge,
         "dataset.root": cfg.dataset.get("root"),
+        IDENTITY_VERSION_KEY: IDENTITY_VERSION,
     })
     return json.loads(json.dumps(identity, default=str))
 
@@ -157,7 +159,7 @@ def check_before_training(model: nn.Module, train_set: Any, val: Any, cfg: DictC
     if classes and head is not None and head != classes:
         raise ValueError(
             f"the model has {head} classes but the data has {classes} class folders; set "
-            f"+model.num_classes={classes} (or point dataset.root at data with {head} classes)"
+            f"++model.num_classes={classes} (or point dataset.root at data with {head} classes)"
         )
     for name, node in cfg.evaluator.items():
         ks = node.get("ks") if hasattr(node, "get") else None

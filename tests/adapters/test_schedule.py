@@ -34,7 +34,8 @@ def test_the_patch_holds_the_schedule_the_record_describes_and_the_forward_ran()
 
 
 def test_expedite_records_the_backbone_settings_it_ran_with():
-    schedule = spatialmerge.adapters.registry.resolve_schedule(tiny_vit(), "expedite", loc=1, ratio=0.25)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=128, depth=4)  # 8x8 -> 6x6
+    schedule = spatialmerge.adapters.registry.resolve_schedule(model, "expedite", loc=1, ratio=0.25)
     assert schedule.options["temperature"] == 0.01 and schedule.options["k"] == 20
     assert schedule.describe()["expedite"]["n_iters"] == 5
 
@@ -70,3 +71,40 @@ def test_reports_keep_two_reduce_variants_apart():
 
     methods = sorted(row["method"] for row in build_rows([record("maxmag"), record("mean")]))
     assert methods == ["cubist", "cubist (reduce=mean)"]
+
+
+@torch.no_grad()
+def test_a_re_patch_that_is_refused_leaves_the_previous_patch_running():
+    model = tiny_vit()
+    x = torch.randn(1, 3, *model.patch_embed.img_size)
+    spatialmerge.patch(model, "cubist", loc=1, r_h=1, r_w=1)
+    before = model(x)
+    with pytest.raises(ValueError, match="loc=99"):
+        spatialmerge.patch(model, "cubist", loc=99, r_h=1, r_w=1)
+    state = patch_state(model)
+    assert state is not None and state.schedule.options["loc"] == 1, "still the previous schedule"
+    assert torch.equal(model(x), before)
+    spatialmerge.unpatch(model)
+    with pytest.raises(ValueError, match="loc=99"):
+        spatialmerge.patch(model, "cubist", loc=99, r_h=1, r_w=1)
+    assert patch_state(model) is None, "an unpatched model stays unpatched"
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("cubist", {"loc": 1, "r_h": 3, "r_w": 1}, r"r_h=3 is out of range for a side of 4 tokens: one pass removes"),
+        ("pool", {"loc": 1, "r_h": 1, "r_w": 4}, r"r_w=4 is out of range for a side of 4 tokens before block 1: "
+                                                 r"pool keeps at least one"),
+        ("expedite", {"loc": 1, "ratio": 0.25, "n_iters": 0}, r"n_iters=0 must be an int >= 1"),
+        ("expedite", {"loc": 1, "ratio": 0.25, "temperature": "hot"}, r"temperature='hot' must be a finite number"),
+        ("expedite", {"loc": 1, "ratio": 0.25}, r"k=20 exceeds the 9 centroids of the merged grid"),
+    ],
+)
+def test_a_schedule_the_grid_cannot_run_is_refused_when_described_and_patched(method, options, message):
+    model = tiny_vit()  # a 4x4 patch grid
+    with pytest.raises(ValueError, match=message):
+        spatialmerge.describe_schedule(model, method, **options)
+    with pytest.raises(ValueError, match=message):
+        spatialmerge.patch(model, method, **options)
+    assert patch_state(model) is None

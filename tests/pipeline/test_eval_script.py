@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_default_run_prints_a_table_and_writes_results(tmp_path):
 def test_bare_run_measures_the_trained_dinov2_on_real_photos(tmp_path):
     # the default command, made quick: two photos at 224 px, one timed round
     done = run_eval(
-        ["dataset.names=[astronaut,coffee]", "model.img_size=224", "merge.loc=2", "merge.ratio=0.1",
+        ["dataset.names=[astronaut,coffee]", "model.image_size=224", "merge.loc=2", "merge.ratio=0.1",
          "evaluator.throughput.iters=1", "evaluator.throughput.warmup=0"],
         tmp_path,
     )
@@ -80,11 +81,15 @@ def test_bare_run_measures_the_trained_dinov2_on_real_photos(tmp_path):
 
 
 def test_multirun_writes_one_results_file_per_job(tmp_path):
-    done = run_eval(["-m", "merge=none,cubist", *TINY_SAM], tmp_path)
+    done = run_eval(["-m", "merge=cubist,tome", *TINY_SAM, "logger=jsonl"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     payloads = [json.loads(p.read_text()) for p in results_files(tmp_path)]
-    assert sorted(p["config"]["merge"]["method"] for p in payloads) == ["cubist", "none"]
+    assert sorted(p["config"]["merge"]["method"] for p in payloads) == ["cubist", "tome"]
     assert all(p["status"] == "ok" for p in payloads)
+    # the jobs share one logger group named after what the sweep varies, not a bare timestamp
+    starts = [json.loads(p.with_name("metrics.jsonl").read_text().splitlines()[0]) for p in results_files(tmp_path)]
+    (group,) = {start["group"] for start in starts}
+    assert re.fullmatch(r"eval: merge \(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\)", group), group
 
 
 def test_missing_checkpoint_is_one_clear_message_and_nonzero_exit(tmp_path):
@@ -150,6 +155,25 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     assert "already records another run" in done.stderr and "Traceback" not in done.stderr
     assert (run_dir / "results.json").read_text() == before
     assert not (run_dir / ".hydra").exists(), "Hydra wrote its config into the finished run"
+    # the resume a training run takes does not open an evaluation's record either
+    resumed = run_eval([*TINY_SAM, f"hydra.run.dir={run_dir}", "+trainer.resume=auto"], tmp_path)
+    assert resumed.returncode == 1 and "records a run without training checkpoints" in resumed.stderr
+    assert (run_dir / "results.json").read_text() == before and not (run_dir / ".hydra").exists()
+
+
+def test_a_run_directory_another_process_is_writing_is_refused(tmp_path):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / ".running").write_text(str(os.getpid()))  # a live process holds it
+    done = run_eval([*TINY_SAM, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 1 and "is being written by another process" in done.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".running"], "nothing was written beside it"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / ".running").write_text(gone.stdout.strip())  # left by a process that has exited
+    done = run_eval([*TINY_SAM, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+    assert not (run_dir / ".running").exists(), "the lock is released when the run is done"
 
 
 def test_a_multirun_with_a_failed_job_says_so_and_exits_nonzero(tmp_path):

@@ -13,6 +13,8 @@ from spatialmerge.reporting.pictures import (
     cell_borders,
     cell_map,
     cell_sizes,
+    fidelity_levels,
+    fidelity_scale_floor,
     merge_figure,
     prepare_image,
     render_cells,
@@ -89,7 +91,7 @@ def test_figure_shows_each_panel_pixel_for_pixel(tiny_sam, image_png, tmp_path):
 
 
 @pytest.mark.slow
-def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli, capsys):
+def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli, capsys, monkeypatch):
     out = tmp_path / "merges.png"
     args = [str(image_png), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--methods", "cubist,tome,pool",
             "--out", str(out)]
@@ -103,6 +105,27 @@ def test_visualize_cli_accepts_eval_overrides(image_png, tmp_path, visualize_cli
     assert visualize_cli([*args[:-2], "--panel-width", "64", "--out", str(tmp_path / "small.png")]) == 0
     with Image.open(tmp_path / "small.png") as png:
         assert 3 * 64 <= png.size[0] < 3 * 128
+    capsys.readouterr()
+    assert visualize_cli(args) == 1 and "never overwrites a file" in capsys.readouterr().err
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    # no --out: a run directory of its own under the project's logs/, not the current directory
+    assert visualize_cli([*args[:-2], f"paths.root_dir={tmp_path / 'repo'}"]) == 0
+    (written,) = (tmp_path / "repo" / "logs" / "visualize").glob(f"*/{image_png.stem}_merges.png")
+    assert not list((tmp_path / "cwd").iterdir())
+    assert f"wrote {written}" in capsys.readouterr().out
+
+
+def test_the_fidelity_colour_scale_separates_cosines_near_one_and_ignores_a_few_outliers():
+    levels = fidelity_levels(np.array([0.9, 0.97, 0.99, 0.999, 1.0, -0.1]))
+    np.testing.assert_allclose(levels[:5], [1.0, -np.log10(0.03), 2.0, 3.0, 3.0])
+    assert levels[2] - levels[1] > 0.4, "0.97 and 0.99 are far apart on the scale"
+    cosines = np.full((10, 10), 0.98)
+    cosines[0, :2] = -0.1  # 2 of 200 patches
+    floor = fidelity_scale_floor([fidelity_levels(cosines), fidelity_levels(np.full((10, 10), 0.99))])
+    assert floor == pytest.approx(-np.log10(0.02)), "the outliers do not set the scale"
+    assert fidelity_scale_floor([fidelity_levels(np.ones((4, 4)))]) == 2.0, "a lossless merge keeps a scale"
+
 
 
 def test_visualize_cli_explains_a_bad_schedule(image_png, visualize_cli, capsys):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from spatialmerge.reporting import build_rows, collect_results, markdown_table, pareto_front, plot_pareto
@@ -171,10 +172,11 @@ def test_wandb_is_detected_from_the_jobs_logger(sweep):
     assert wandb_config(results) is None
     results[1]["config"]["logger"] = {"_target_": "spatialmerge.loggers.WandbLogger", "project": "p", "group": None}
     assert wandb_config(results)["project"] == "p"
-    hydra_dir = sweep / "1" / ".hydra"
-    hydra_dir.mkdir()
-    (hydra_dir / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    assert sweep_group(results, [sweep]) == "sweep"
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  mode: MULTIRUN\n  runtime:\n    choices: {}\n  job:\n    name: eval\n  sweeper:\n"
+        "    params: null\n  overrides:\n    task:\n    - merge=cubist,tome\n    - model=sam_b\n"
+    )
+    assert sweep_group(results, [sweep]) == f"eval: merge ({sweep.name})", "the name the jobs logged under"
     results[1]["config"]["logger"]["group"] = "mine"
     assert sweep_group(results, [sweep]) == "mine"
 
@@ -206,12 +208,14 @@ def test_a_wandb_sweep_gets_a_report_run_in_its_group(sweep, tmp_path, monkeypat
     payload = json.loads((sweep / "1" / "results.json").read_text())
     payload["config"]["logger"] = {"_target_": "spatialmerge.loggers.WandbLogger", "project": "p", "mode": "offline", "group": None}
     (sweep / "1" / "results.json").write_text(json.dumps(payload))
-    (sweep / "1" / ".hydra").mkdir()
-    (sweep / "1" / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  runtime:\n    choices: {sweep: sam_schedules}\n  job:\n    name: eval\n  sweeper:\n"
+        "    params: {merge: 'cubist,tome'}\n  overrides:\n    task: []\n"
+    )
     assert report_cli([str(sweep), "--out", str(tmp_path / "r")]) == 0  # --wandb auto
     assert RecordingLogger.calls == [
         ("init", {"project": "p", "mode": "offline", "group": None}),
-        ("start", "report", "sweep"),
+        ("start", "report", "sam_schedules: merge (sweep)"),
         ("table", "report", list(COLUMN_KEYS), 5),
         ("image", "pareto", "pareto.png"),
         ("finish", "ok"),
@@ -316,3 +320,59 @@ def test_a_search_with_many_schedules_gets_no_pivot():
     rows = [_pivot_row(m, f"loc={i} ratio=0.1", 1.1, 0.9) for i in range(PIVOT_MAX_COLUMNS + 1) for m in ("cubist", "tome")]
     assert pivot_markdown(rows) == ""
     assert pivot_markdown(rows[: 2 * PIVOT_MAX_COLUMNS]) != ""
+
+
+def test_a_sweeps_logger_group_names_its_sweep_config_and_swept_keys():
+    from spatialmerge.loggers import sweep_group as name_group
+
+    hydra_cfg = OmegaConf.create({
+        "runtime": {"choices": {"sweep": "sam_schedules", "model": "sam_b"}},
+        "job": {"name": "eval"},
+        "sweeper": {"params": {"merge": "cubist,tome", "merge.loc": "1,3"}},
+    })
+    argv = ["-m", "+sweep=sam_schedules", "merge.ratio=0.1,0.2", "model=sam_b"]
+    sweep_dir = Path("logs/eval/multiruns/2026-12-03_16-45-29")
+    expected = "sam_schedules: merge.ratio, merge, merge.loc (2026-12-03_16-45-29)"
+    assert name_group(hydra_cfg, argv, sweep_dir) == expected
+    hydra_cfg.runtime.choices.sweep = None
+    hydra_cfg.sweeper.params = None
+    assert name_group(hydra_cfg, ["-m", "merge=cubist,tome"], sweep_dir) == "eval: merge (2026-12-03_16-45-29)"
+
+
+def test_the_terminal_summary_shows_percentages_points_and_small_values_as_they_are():
+    from spatialmerge.evaluators.fidelity import PERCENT
+    from spatialmerge.evaluators.metrics import is_percent
+    from spatialmerge.reporting.summary import format_summary, metric_text
+
+    payload = {"model": "dinov2_s", "merge": None, "metrics": {
+        "fidelity": {"feature_cosine": 0.987654, "segment_agreement": 93.4, "images": 12},
+        "miou": {"miou": 70.123, "unmerged_miou": 70.823, "delta_miou": -0.7},
+        "train": {"lr": 3.9e-08, "peak_lr": 0.0005, "loss": 0.0},
+    }}
+    text = format_summary(payload)
+    assert "fidelity: feature_cosine=0.988, segment_agreement=93.40%, images=12" in text
+    assert "miou: miou=70.12%, unmerged_miou=70.82%, delta_miou=-0.70 pt" in text
+    assert "train: lr=3.9e-08, peak_lr=0.0005, loss=0.000" in text
+    assert metric_text("top5", 99.0) == "99.00%" and metric_text("delta_top1", 0.25) == "+0.25 pt"
+    assert metric_text("kl", 0.0123) == "0.012" and metric_text("top1_agreement", 100.0) == "100.00%"
+    assert all(is_percent(name) for name in PERCENT), "every percentage fidelity reports is shown as one"
+
+
+def test_wrong_typed_records_and_corrupt_saved_configs_are_failed_rows_naming_the_file(tmp_path, report_cli, capsys):
+    root = tmp_path / "sweep"
+    write(root, "0", {**result("cubist", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3), "metrics": [1]})
+    killed = root / "1" / ".hydra"
+    killed.mkdir(parents=True)
+    (killed / "config.yaml").write_text("model: [sam_b\nmerge: {")  # truncated while written
+    write(root, "2", result("tome", miou=59.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3))
+    rows = build_rows(collect_results(root))
+    errors = sorted(r["error"] for r in rows if r["status"] == "failed")
+    assert len(errors) == 2 and any(r["status"] == "ok" for r in rows)
+    assert f"unreadable {root / '0' / 'results.json'}: 'metrics' is a list" in errors[0]
+    assert f"unreadable {killed / 'config.yaml'}: " in errors[1] and "\n" not in errors[1]
+    assert report_cli([str(root), "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    (tmp_path / "taken.md").write_text("mine")
+    assert report_cli([str(root), "--out", str(tmp_path / "taken.md")]) == 1
+    assert "is a file; the report is a directory" in capsys.readouterr().err
+    assert (tmp_path / "taken.md").read_text() == "mine"

@@ -73,7 +73,7 @@ def test_a_resumed_epoch_skips_exactly_the_consumed_global_batches(world):
 
 
 def test_randaugment_survives_zero_bit_posterize():
-    model = build_model("deit_t", img_size=32, patch_size=8, depth=1, num_classes=2, embed_dim=16, num_heads=1)
+    model = build_model("deit_t", image_size=32, patch_size=8, depth=1, num_classes=2, embed_dim=16, num_heads=1)
     transform = train_transform(model, TrainConfig())
     (augment,) = [step for step in transform.transforms if hasattr(step, "ops")]
     (posterize,) = [op for op in augment.ops if op.name.startswith("Posterize")]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from train_helpers import tiny_train_config, write_colour_folder
+from train_helpers import CUBIST, QUIET, TINY_MODEL, compose_train, tiny_train_config, write_colour_folder
 
 from spatialmerge.training import (
     NonFiniteLossError,
@@ -121,6 +121,21 @@ def test_resuming_with_another_merge_lr_or_seed_is_refused(colour_imagenet, tmp_
         train(colour_imagenet, tmp_path, "trainer.max_steps=2", "trainer.seed=7", "trainer.resume=auto")
     with pytest.raises(TrainingCheckpointError, match=r"merge \{.*'reduce': 'maxmag'.* -> \{.*'reduce': 'mean'"):
         train(colour_imagenet, tmp_path, "trainer.max_steps=2", "merge.reduce=mean", "trainer.resume=auto")
+    # a model option added on resume changes what is trained too
+    with pytest.raises(TrainingCheckpointError, match=r"model.drop_path_rate '<unset>' -> 0.5"):
+        train(colour_imagenet, tmp_path, "trainer.max_steps=2", "+model.drop_path_rate=0.5", "trainer.resume=auto")
+
+
+def test_identities_compare_every_key_and_older_ones_the_keys_both_have():
+    from spatialmerge.training.trainer import IDENTITY_VERSION_KEY, identity_changes
+
+    saved = {IDENTITY_VERSION_KEY: 2, "model.name": "deit_t", "model.depth": 2}
+    assert identity_changes(saved, {**saved}) == []
+    assert identity_changes(saved, {**saved, "model.drop_path_rate": 0.5}) == ["model.drop_path_rate '<unset>' -> 0.5"]
+    assert identity_changes(saved, {IDENTITY_VERSION_KEY: 2, "model.name": "deit_t"}) == ["model.depth 2 -> '<unset>'"]
+    older = {"model.name": "deit_t", "trainer.lr": 0.1}  # written before identities named every key
+    assert identity_changes(older, {**older, "model.depth": 2, IDENTITY_VERSION_KEY: 2}) == []
+    assert identity_changes(older, {**older, "trainer.lr": 0.2}) == ["trainer.lr 0.1 -> 0.2"]
 
 
 def test_a_fresh_run_refuses_to_mix_with_old_checkpoints(colour_imagenet, tmp_path):
@@ -175,12 +190,12 @@ def test_a_missing_val_split_fails_before_any_training(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.num_classes=5"], r"the model has 5 classes but the data has 4 class folders; set \+model.num_classes=4"),
+        (["model.num_classes=5"], r"the model has 5 classes but the data has 4 class folders; set \+\+model.num_classes=4"),
         (["model.num_classes=3"], r"the model has 3 classes but the data has 4"),
         (["evaluator.top1.ks=[1,5]"], r"evaluator.top1.ks=\[1, 5\] asks for top-5 of 4 classes"),
         (["trainer.batch_size=128"], r"holds 64 images, fewer than one global batch of 128"),
         # the tiny model's 8-px patches, not deit_t's 16
-        (["model.img_size=36"], r"model.img_size=36 for 'deit_t' is not a multiple of its 8-px patches; the nearest valid sizes are 32 and 40"),
+        (["model.image_size=36"], r"model.image_size=36 for 'deit_t' is not a multiple of its 8-px patches; the nearest valid sizes are 32 and 40"),
         (["merge.r_h=3"], r"r_h=3 is out of range for a side of 4 tokens"),
     ],
 )
@@ -188,6 +203,20 @@ def test_mismatched_classes_ks_batch_size_or_schedule_fail_before_the_first_step
     with pytest.raises(ValueError, match=message):
         train(colour_imagenet, tmp_path, *overrides)
     assert not (tmp_path / "run" / "checkpoints").exists(), "no step was taken"
+
+
+def test_the_default_top5_is_checked_against_the_classes_before_the_first_step(colour_imagenet, tmp_path):
+    """top1.yaml's own ks=[1, 5] (no ks override) on 4 classes, refused with a fix Hydra takes."""
+    quiet = [o for o in QUIET if not o.startswith("evaluator.top1.ks=")]
+    overrides = [*TINY_MODEL, *CUBIST, *quiet, f"dataset.root={colour_imagenet}", f"paths.root_dir={tmp_path}"]
+    defaults = compose_train(*overrides)
+    assert list(defaults.evaluator.top1.ks) == [1, 5]
+    with pytest.raises(ValueError, match=r"evaluator.top1.ks=\[1, 5\] asks for top-5 of 4 classes; use ks up "
+                                         r"to 4, e.g. evaluator.top1.ks=\[1\]"):
+        run_training(defaults, tmp_path / "run", CPU)
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no step was taken"
+    fixed = compose_train(*overrides, "evaluator.top1.ks=[1]")  # the suggested override composes
+    assert list(fixed.evaluator.top1.ks) == [1]
 
 
 def test_train_and_val_class_folders_must_match(tmp_path):

@@ -131,5 +131,12 @@ def test_training_into_a_finished_run_without_resume_leaves_its_record_alone(
         [*TINY_RUN, f"dataset.root={colour_imagenet}", f"hydra.run.dir={single_process}"], tmp_path
     )
     assert again.returncode == 1
-    assert "already records another run" in again.stderr and "trainer.resume=auto" in again.stderr
+    assert "already records another run" in again.stderr
+    assert "trainer.resume" not in again.stderr, "a finished run is not offered a resume"
     assert record.read_text() == before, "the finished run's record was rewritten"
+    resumed = run_train_script(
+        [*TINY_RUN, f"dataset.root={colour_imagenet}", f"hydra.run.dir={single_process}", "trainer.resume=auto"],
+        tmp_path,
+    )
+    assert resumed.returncode == 1 and "records a finished training run (status ok)" in resumed.stderr
+    assert record.read_text() == before, "a resume rewrote the finished run's record"
