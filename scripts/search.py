@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--trials {args.trials} must be >= 1")
     if args.target_speedup is not None and args.target_speedup <= 0:
         parser.error(f"--target-speedup {args.target_speedup} must be > 0, e.g. 1.5")
+    search: ScheduleSearch | None = None
     try:
         space = SearchSpace(
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, *USER_ERRORS) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        last = search.study.trials[-1].number if search is not None and search.study.trials else None
+        which = f"trial {last} recorded as interrupted" if last is not None else "no trial had started"
+        print(f"interrupted: {which}; the same command (with --dir {search.directory if search else '...'}) "
+              "continues the study", file=sys.stderr)
+        return 130
     result = search.result(args.target_speedup)
     if args.target_speedup is not None:
         print(f"re-measuring the front points near {args.target_speedup}x before choosing ...", flush=True)

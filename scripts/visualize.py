@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spatialmerge.data.images import load_rgb  # noqa: E402
 from spatialmerge.data.photos import PHOTOS, skimage_data_dir  # noqa: E402
 from spatialmerge.pipeline import instantiate, resolve_merge  # noqa: E402
 from spatialmerge.reporting.pictures import merge_figure  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.image is None:
             args.image = skimage_data_dir() / PHOTOS["astronaut"]
-        image = Image.open(args.image)
+        image = load_rgb(args.image)  # 16-bit greyscale scaled, not clipped to white
         torch.manual_seed(cfg.seed)  # the same random weights, and so the same picture, every time
         model = instantiate(cfg.model).to(cfg.device)
         merges = [resolve_merge(model, method_cfg).options for method_cfg in method_cfgs]

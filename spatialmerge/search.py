@@ -25,13 +25,17 @@ from typing import Any, Callable, Mapping
 
 import optuna
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from spatialmerge.adapters import find_adapter
 from spatialmerge.adapters.registry import resolve_schedule
 from spatialmerge.adapters.schedule import label, schedule_text, variant_parts
+from spatialmerge.data import DatasetLayoutError
+from spatialmerge.data.images import CorruptImageError
 from spatialmerge.evaluators.timing import speedup_text
+from spatialmerge.models.checkpoints import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators
 from spatialmerge.results import write_json_atomic
 
@@ -115,6 +119,14 @@ def suggest_merge(trial: optuna.Trial, space: SearchSpace, depth: int, windows: 
 
 class QualityMissingError(ValueError):
     """The trial's metrics hold no quality the search can maximise: a setting of the search."""
+
+
+# Failures of the search's settings rather than of one schedule: the search stops after the
+# first trial that meets one instead of failing every trial alike.
+SETUP_ERRORS: tuple[type[Exception], ...] = (
+    QualityMissingError, DatasetLayoutError, CorruptImageError, CheckpointNotFoundError,
+    CheckpointMismatchError, CheckpointFormatError, OSError,
+)
 
 
 def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str, float]:
@@ -231,13 +243,20 @@ class ScheduleSearch:
         self.directory.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search reports its own trials
         storage = f"sqlite:///{(self.directory / STUDY_FILE).resolve()}"
-        self.study = optuna.create_study(
-            study_name="schedule_search",
-            storage=storage,
-            directions=["maximize", "maximize"],
-            sampler=optuna.samplers.TPESampler(seed=seed),
-            load_if_exists=True,
-        )
+        try:
+            self.study = optuna.create_study(
+                study_name="schedule_search",
+                storage=storage,
+                directions=["maximize", "maximize"],
+                sampler=optuna.samplers.TPESampler(seed=seed),
+                load_if_exists=True,
+            )
+        except SQLAlchemyError as err:  # a truncated or foreign file where the study should be
+            raise ValueError(
+                f"{self.directory / STUDY_FILE} is not a readable Optuna study ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:120]}); move it away to start afresh here, or search in "
+                "another --dir"
+            ) from None
         saved = self.study.user_attrs.get("setup")
         if saved is None:
             self.study.set_user_attr("setup", self.setup)
@@ -304,12 +323,18 @@ class ScheduleSearch:
         try:
             metrics = run_evaluators(cfg, ctx)
             key, quality = quality_of(metrics, self.quality)
+        except KeyboardInterrupt:
+            reason = "interrupted by the user (Ctrl-C)"
+            record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": []},
+                   "interrupted", reason, started)
+            trial.set_user_attr("error", reason)
+            raise
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
             record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": []},
                    "failed", reason, started)
             trial.set_user_attr("error", reason)
-            if isinstance(err, QualityMissingError):  # every later trial would fail alike
+            if isinstance(err, SETUP_ERRORS):  # the data, weights or quality: every trial would fail alike
                 self.setup_error = err
                 trial.study.stop()
             raise

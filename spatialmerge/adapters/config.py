@@ -171,7 +171,7 @@ class Stage:
             raise ValueError(
                 f"ratio={self.ratio} {how}on the {hw[0]}x{hw[1]} grid at loc={self.loc} rounds to "
                 "r_h=r_w=0: nothing would be merged, yet the run would be reported as merged; "
-                f"use a larger ratio (at least {0.5 / min(hw):.3g} per axis"
+                f"use a larger ratio (more than {0.5 / max(hw):.3g} per axis, e.g. {1 / max(hw):.3g}"
                 + (f", or enough to reach a multiple of {window}" if align == "window" else "")
                 + ") or set r_h/r_w"
             )

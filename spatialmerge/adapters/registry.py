@@ -51,9 +51,21 @@ def find_adapter(model: nn.Module) -> Adapter:
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, adapter.name)
     if key not in _CLASS_CACHE:
-        methods = {**adapter.overrides(), "__reduce_ex__": _reduce_patched}
+        methods = {**adapter.overrides(), "__reduce_ex__": _reduce_patched,
+                   "__prepare_scriptable__": _refuse_scripting}
         _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), methods)
     return _CLASS_CACHE[key]
+
+
+def _refuse_scripting(self: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls this before compiling: TorchScript cannot compile the patched
+    block loop (plain Python over the library's blocks), so say so in one line instead of its
+    compiler's traceback."""
+    raise TypeError(
+        f"{type(self).__name__} is patched by spatialmerge, which TorchScript cannot compile; export "
+        "it with torch.export or torch.compile instead (spatialmerge.export, docs/deploy.md), or "
+        "spatialmerge.unpatch(model) first to script the unmerged model"
+    )
 
 
 def _reduce_patched(self: nn.Module, protocol: int) -> tuple[Any, ...]:

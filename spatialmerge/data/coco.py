@@ -7,7 +7,9 @@ Layout (COCO 2017 as distributed by cocodataset.org, both zips unpacked into one
 
 Crowd annotations and annotations whose mask is empty are skipped; images left with no instance
 are skipped. Annotations that cannot be evaluated (no or empty segmentation, a polygon of fewer
-than 3 points, a box of zero or negative size, an image id with no image) are skipped too,
+than 3 points or reaching outside its image, an RLE of another size, a box of zero or negative
+size, not finite or outside the image, an image id with no image, a second annotation with an
+id already seen) are skipped too,
 counted in ``CocoInstances.skipped`` and warned about; a truncated annotation file is an error
 naming it. Every mask is kept as pycocotools RLE (built once in `__init__`) and decoded only when
 its image is loaded, so the dataset is light to ship to DataLoader worker processes.
@@ -18,10 +20,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -75,15 +78,17 @@ def mask_interior_point(mask: np.ndarray) -> tuple[float, float]:
     return float(left + x), float(top + y)
 
 
-def _annotation_problem(ann: Any, image_ids: set[Any]) -> str | None:
+def _annotation_problem(ann: Any, images: Mapping[Any, Mapping[str, Any]]) -> str | None:
     """Why a COCO annotation cannot be evaluated, or None (crowd annotations pass: the protocol
-    skips them later, as it always did)."""
+    skips them later, as it always did). ``images`` maps image id to its entry."""
     if not isinstance(ann, dict) or "id" not in ann:
         return "not an annotation object with an id"
-    if ann.get("image_id") not in image_ids:
+    image = images.get(ann.get("image_id"))
+    if image is None:
         return f"image_id {ann.get('image_id')!r} has no image in the file"
     if ann.get("iscrowd"):
         return None
+    height, width = image["height"], image["width"]
     segmentation = ann.get("segmentation")
     if segmentation is None:
         return "no segmentation"
@@ -93,18 +98,58 @@ def _annotation_problem(ann: Any, image_ids: set[Any]) -> str | None:
             return f"empty segmentation {segmentation!r}"
         if any(len(p) < 6 or len(p) % 2 for p in polygons):
             return "a polygon with fewer than 3 points"
-    elif not isinstance(segmentation, dict):
+        values = [v for p in polygons for v in p]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return "a polygon with a coordinate that is not a finite number"
+        xs, ys = [v for p in polygons for v in p[0::2]], [v for p in polygons for v in p[1::2]]
+        if min(xs) < -_EDGE or max(xs) > width + _EDGE or min(ys) < -_EDGE or max(ys) > height + _EDGE:
+            return (f"a polygon outside the {width}x{height} image (x {min(xs):g}..{max(xs):g}, "
+                    f"y {min(ys):g}..{max(ys):g})")
+    elif isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not isinstance(counts, (str, list)) or not isinstance(size, list) or len(size) != 2:
+            return "an RLE without 'counts' and a [height, width] 'size'"
+        if list(size) != [height, width]:
+            return f"an RLE of size {size} on a {height}x{width} image"
+        if isinstance(counts, list) and sum(v for v in counts if isinstance(v, int)) != height * width:
+            return f"an uncompressed RLE whose counts do not cover the {height}x{width} image"
+    else:
         return f"segmentation of type {type(segmentation).__name__} (expected polygons or RLE)"
     return None
 
 
-def _box_problem(bbox: Any) -> str | None:
+# How far (pixels) a polygon or box may reach past the image: COCO's own coordinates overshoot
+# the border by rounding; more means the annotation belongs to another image size.
+_EDGE = 1.0
+
+
+def _box_problem(bbox: Any, height: int, width: int) -> str | None:
     """Why an instance's box cannot be a prompt, or None. Checked for instances whose mask is
     not empty only: an empty-mask annotation (skipped by the protocol) may carry a zero box."""
     if not isinstance(bbox, list) or len(bbox) != 4:
         return f"bbox {bbox!r} is not [x, y, width, height]"
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return f"bbox {bbox!r} holds a value that is not a finite number"
     if not bbox[2] > 0 or not bbox[3] > 0:
         return f"bbox {bbox!r} has a width or height <= 0"
+    x, y, w, h = bbox
+    if x < -_EDGE or y < -_EDGE or x + w > width + _EDGE or y + h > height + _EDGE:
+        return f"bbox {bbox!r} reaches outside the {width}x{height} image"
+    return None
+
+
+def _image_problem(image: Any) -> str | None:
+    """Why an entry of the file's ``images`` list cannot be read, or None."""
+    if not isinstance(image, dict):
+        return "is not an object"
+    missing = [key for key in ("id", "file_name", "height", "width") if key not in image]
+    if missing:
+        return f"has no {', '.join(repr(k) for k in missing)}"
+    if not all(isinstance(image[k], int) and not isinstance(image[k], bool) and image[k] > 0
+               for k in ("height", "width")):
+        return f"has height {image['height']!r} and width {image['width']!r}, not positive whole numbers"
+    if not isinstance(image["file_name"], str) or not image["file_name"]:
+        return f"has file_name {image['file_name']!r}"
     return None
 
 
@@ -199,6 +244,15 @@ class CocoInstances(Dataset):
                 self.root,
                 self.split,
             )
+        for position, image in enumerate(data["images"]):
+            problem = _image_problem(image)
+            if problem is not None:
+                raise _layout_error(
+                    f"{ann_file}: images[{position}] {problem}; every image entry needs id, file_name, "
+                    "height and width (a COCO instances file as released)",
+                    self.root,
+                    self.split,
+                )
         data = dict(data, annotations=self._valid_annotations(data, ann_file))
         coco = COCO()
         coco.dataset = data
@@ -213,7 +267,7 @@ class CocoInstances(Dataset):
                 rle = coco.annToRLE(ann)
                 # The RLE area is exactly what annToMask would decode, without decoding it.
                 if int(mask_utils.area(rle)) > 0:
-                    problem = _box_problem(ann.get("bbox"))
+                    problem = _box_problem(ann.get("bbox"), int(info["height"]), int(info["width"]))
                     if problem is not None:
                         self.skipped[ann["id"]] = problem
                         continue
@@ -250,15 +304,19 @@ class CocoInstances(Dataset):
         skipped, counted in ``self.skipped`` (annotation id -> reason) and warned about once,
         so a broken annotation neither crashes deep inside pycocotools nor changes mIoU
         silently."""
-        image_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
+        images = {image["id"]: image for image in data["images"]}
         self.skipped: dict[Any, str] = {}
-        kept = []
+        kept, seen = [], set()
         for ann in data["annotations"]:
-            reason = _annotation_problem(ann, image_ids)
+            reason = _annotation_problem(ann, images)
+            if reason is None and ann["id"] in seen:  # pycocotools would keep only the last one
+                reason = f"duplicate annotation id {ann['id']!r} (the first one is kept)"
             if reason is None:
                 kept.append(ann)
+                seen.add(ann["id"])
             else:
-                self.skipped[ann.get("id") if isinstance(ann, dict) else None] = reason
+                key = ann.get("id") if isinstance(ann, dict) else None
+                self.skipped[key if key not in self.skipped else f"{key} ({len(self.skipped)})"] = reason
         return kept
 
     def _warn_skipped(self, ann_file: str) -> None:

@@ -183,6 +183,16 @@ class ThroughputEvaluator:
             spatialmerge.patch(merged, **dict(options))
             variants.append(Variant(name, adapter.timed_module(merged), []))
         probe = make_input()
+        own = adapter.input_size(model)[1]
+        if self.image_size is not None and self.image_size != own:
+            try:  # before any timing: a model built for one size may refuse another
+                count_flops(variants[0].module, probe)
+            except (AssertionError, RuntimeError, ValueError) as err:
+                raise ValueError(
+                    f"evaluator.throughput.image_size={self.image_size}: the model runs at {own} px "
+                    f"({' '.join(str(err).split())[:160]}); drop evaluator.throughput.image_size, or build "
+                    f"the model at that size with model.image_size={self.image_size}"
+                ) from None
         for variant in variants:
             variant.flops = count_flops(variant.module, probe)
         unmerged_tokens = self._unmerged_tokens(variants, probe)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from spatialmerge.models.checkpoints import (
@@ -155,10 +156,29 @@ def _from_directory(model_class: type, directory: Path, name: str) -> nn.Module:
             "model.checkpoint at a folder written by save_pretrained, e.g. a local copy of the "
             "model's Hugging Face Hub repository",
         )
-    saved = json.loads(config_file.read_text()).get("architectures") or []
-    if saved and model_class.__name__ not in saved and not any(a.startswith(model_class.__name__[:-5]) for a in saved):
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointFormatError(config_file, f"cannot read it ({type(err).__name__}: {err}); it is truncated "
+                                    "or not JSON: copy the model directory again") from None
+    architectures = (saved.get("architectures") if isinstance(saved, dict) else None) or []
+    if architectures and model_class.__name__ not in architectures and not any(
+        a.startswith(model_class.__name__[:-5]) for a in architectures
+    ):
         raise ValueError(
-            f"{directory} holds a {saved[0]}, not a {model_class.__name__} ({name!r}); pick the "
+            f"{directory} holds a {architectures[0]}, not a {model_class.__name__} ({name!r}); pick the "
             "model config of that architecture"
         )
-    return model_class.from_pretrained(str(directory), local_files_only=True)
+    weights = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise CheckpointFormatError(
+            directory, "it has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+            "copy the weights file into it, or use model.checkpoint=null for random weights"
+        )
+    try:
+        return model_class.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a truncated safetensors, a cut-off .bin
+        raise CheckpointFormatError(
+            directory, f"transformers cannot load its weights {', '.join(weights)} ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}); the file is truncated or corrupt: copy it again"
+        ) from None

@@ -84,7 +84,7 @@ def test_bad_requests_raise(kwargs, match):
 
 def test_a_ratio_that_rounds_to_nothing_is_refused_not_reported_as_a_merge():
     stage = MergeConfig.create("cubist", loc=2, ratio=0.05).stages[0]
-    with pytest.raises(ValueError, match=r"ratio=0.05 on the 8x8 grid at loc=2 rounds to r_h=r_w=0.*at least 0.0625"):
+    with pytest.raises(ValueError, match=r"ratio=0.05 on the 8x8 grid at loc=2 rounds to r_h=r_w=0.*more than 0.0625 per axis, e.g. 0.125"):
         stage.removal((8, 8), None, "none")
     assert stage.removal((64, 64), None, "none") == (3, 3)
     # align=window: 64 at ratio 0.04 would land back on the full grid

@@ -227,6 +227,29 @@ def test_a_from_pretrained_directory_loads_offline_and_patches(tmp_path, images)
         build_model("hf_vit_b", checkpoint=None, image_size=448)
 
 
+
+def test_a_broken_from_pretrained_directory_is_one_message_naming_it(tmp_path):
+    import shutil
+
+    tiny("Dinov2Model").save_pretrained(tmp_path / "good")
+    for broken in ("truncated config", "no weights", "truncated weights"):
+        directory = tmp_path / broken.replace(" ", "_")
+        shutil.copytree(tmp_path / "good", directory)
+        if broken == "truncated config":
+            config = directory / "config.json"
+            config.write_text(config.read_text()[:40])
+        elif broken == "no weights":
+            (directory / "model.safetensors").unlink()
+        else:
+            weights = directory / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+        expected = {"truncated config": r"config.json': cannot read it \(JSONDecodeError",
+                    "no weights": r"has a config.json but no weights",
+                    "truncated weights": r"transformers cannot load its weights model.safetensors"}[broken]
+        with pytest.raises(CheckpointFormatError, match=expected):
+            build_model("hf_dinov2_s", checkpoint=directory)
+
+
 @pytest.fixture(scope="module")
 def hf_sam():
     """A transformers SamModel with a 4-layer, 32-wide vision encoder at SAM's 1024 px (64x64

@@ -108,3 +108,13 @@ def test_a_schedule_the_grid_cannot_run_is_refused_when_described_and_patched(me
     with pytest.raises(ValueError, match=message):
         spatialmerge.patch(model, method, **options)
     assert patch_state(model) is None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripting_a_patched_model_is_refused_in_one_line_naming_what_works():
+    model = spatialmerge.patch(tiny_vit(), "cubist", loc=1, r_h=1, r_w=1)
+    for wrapped in (model, torch.nn.Sequential(model)):  # the patched module may sit inside another
+        with pytest.raises(TypeError, match=r"patched by spatialmerge, which TorchScript cannot compile; "
+                                            r"export it with torch.export or torch.compile"):
+            torch.jit.script(wrapped)
+    assert patch_state(model) is not None, "the refusal leaves the patch alone"

@@ -181,6 +181,10 @@ def test_a_truncated_annotation_file_is_named(tmp_path: Path) -> None:
         ({"bbox": [1.0, 1.0, 0.0, 4.0]}, "has a width or height <= 0"),
         ({"bbox": [1.0, 1.0, -5.0, 4.0]}, "has a width or height <= 0"),
         ({"image_id": 999}, "image_id 999 has no image"),
+        ({"segmentation": [[0.0, 0.0, 5000.0, 0.0, 5000.0, 5000.0]]}, r"a polygon outside the \d+x\d+ image"),
+        ({"segmentation": {"size": [1, 1], "counts": [1]}}, r"an RLE of size \[1, 1\] on a \d+x\d+ image"),
+        ({"bbox": [1.0, float("nan"), 4.0, 4.0]}, "holds a value that is not a finite number"),
+        ({"bbox": [1.0, 1.0, 4000.0, 4.0]}, r"reaches outside the \d+x\d+ image"),
     ],
 )
 def test_an_annotation_that_cannot_be_evaluated_is_skipped_counted_and_named(
@@ -201,3 +205,31 @@ def test_an_annotation_that_cannot_be_evaluated_is_skipped_counted_and_named(
     kept = sum(len(r.ann_ids) for r in dataset.records)
     assert kept == sum(len(r.ann_ids) for r in before.records) - 1
     assert all(victim["id"] not in r.ann_ids for r in dataset.records)
+
+
+def test_a_duplicate_annotation_id_is_skipped_not_silently_replaced(tmp_path: Path) -> None:
+    write_synthetic_coco(str(tmp_path))
+    path = _annotations(tmp_path)
+    data = json.loads(path.read_text())
+    before = CocoInstances(str(tmp_path))
+    first = next(a for a in data["annotations"] if not a.get("iscrowd"))
+    other = next(a for a in data["annotations"] if not a.get("iscrowd") and a["id"] != first["id"])
+    data["annotations"].append({**other, "id": first["id"]})  # a second object under the same id
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=rf"annotation {first['id']}: duplicate annotation id"):
+        dataset = CocoInstances(str(tmp_path))
+    assert list(dataset.skipped) == [first["id"]]
+    assert [r.ann_ids for r in dataset.records] == [r.ann_ids for r in before.records]
+    assert [r.rles for r in dataset.records] == [r.rles for r in before.records], "the first one is kept"
+
+
+@pytest.mark.parametrize(("drop", "message"), [("height", r"images\[0\] has no 'height'"),
+                                               ("file_name", r"images\[0\] has no 'file_name'")])
+def test_an_image_entry_without_its_size_or_file_is_named(tmp_path: Path, drop: str, message: str) -> None:
+    write_synthetic_coco(str(tmp_path))
+    path = _annotations(tmp_path)
+    data = json.loads(path.read_text())
+    del data["images"][0][drop]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetLayoutError, match=message):
+        CocoInstances(str(tmp_path))

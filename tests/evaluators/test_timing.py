@@ -215,3 +215,13 @@ def test_rounds_with_a_zero_median_are_not_divided_by():
     row = summarise_rounds([0.0, 0.0, 0.0], [0.001, 0.001, 0.001], batch_size=1)
     assert row["speedup"] == 0.0
     assert not any("unmerged rounds vary" in reason for reason in row["noise"])
+
+
+def test_a_timing_size_the_model_cannot_run_is_refused_before_any_round():
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=1).eval()
+    evaluator = ThroughputEvaluator(iters=1, warmup=0, image_size=96, progress=False)
+    with pytest.raises(ValueError, match=r"evaluator.throughput.image_size=96: the model runs at 64 px .* "
+                                         r"model.image_size=96"):
+        evaluator.evaluate(model, {"cubist": {"method": "cubist", "loc": 0, "r_h": 1, "r_w": 1}})

@@ -148,3 +148,12 @@ def test_the_merged_top1_comes_with_the_unmerged_one_on_the_same_images(
         EvalContext(tiny_deit, merge=merge, device="cpu", dataset_factory=factory)
     )
     assert "unmerged_top1" not in skipped and skipped["top1"] == both["top1"]
+
+
+def test_non_finite_logits_are_refused_not_counted() -> None:
+    table = torch.tensor([[0.0, 1.0], [float("nan"), float("nan")], [1.0, 0.0]])
+    dataset = [(torch.tensor([float(i)]), i % 2) for i in range(3)]
+    with pytest.raises(ValueError, match=r"logits are not finite \(NaN or inf\) on 1 of 3 images .* check model.checkpoint"):
+        Top1Evaluator(batch_size=3, num_workers=0, progress=False, ks=(1,)).evaluate(TableModel(table), dataset)
+    finite = Top1Evaluator(batch_size=3, num_workers=0, progress=False, ks=(1,)).evaluate(TableModel(table.nan_to_num()), dataset)
+    assert finite["images"] == 3

@@ -146,3 +146,16 @@ def test_a_sam2_cell_map_is_drawn_on_the_hiera_stage_it_merged(image_png, tmp_pa
     assert set(found.labels.ravel().tolist()) == set(range(3136))
     assert found.features.shape == (1, 256, 64, 64)
     assert spatialmerge.patch_state(sam2) is None
+
+
+@pytest.mark.slow
+def test_a_16_bit_greyscale_photo_is_drawn_grey_not_white(tmp_path, visualize_cli):
+    grey = np.full((64, 64), 30000, dtype=np.uint16)  # 46% of the 16-bit range
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    out = tmp_path / "scan_merges.png"
+    args = [str(tmp_path / "scan.png"), *TINY_OVERRIDES, "merge.loc=1", "merge.ratio=0.25", "--methods", "pool",
+            "--out", str(out)]
+    assert visualize_cli(args) == 0
+    figure = np.asarray(Image.open(out).convert("RGB"))
+    untouched = figure[figure.sum(-1) < 3 * 250]  # drop the white margins
+    assert np.median(untouched) == pytest.approx(30000 * 255 / 65535, abs=25), "scaled to 8 bits, not clipped"

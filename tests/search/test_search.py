@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,28 @@ def test_a_killed_search_resumes_without_rerunning_or_losing_finished_trials(tmp
         assert path.read_bytes() == content, f"{path} was rewritten"
 
 
+@pytest.mark.slow
+def test_ctrl_c_records_the_running_trial_as_interrupted_in_one_line(tmp_path):
+    directory = tmp_path / "study"
+    process = subprocess.Popen(
+        [sys.executable, "scripts/search.py", *TINY, "--dir", str(directory), "--min-ratio", "0.1", "--trials", "200"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((directory / "trials").glob("*/results.json")):
+        time.sleep(0.2)
+    time.sleep(0.3)  # into the next trial's evaluation
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted: ")]
+    assert re.fullmatch(rf"interrupted: trial \d+ recorded as interrupted; the same command \(with --dir "
+                        rf"{re.escape(str(directory))}\) continues the study", line)
+    last = study(directory).get_trials()[-1]
+    assert last.state == optuna.trial.TrialState.FAIL
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path):
     directory = tmp_path / "study"
     assert search(directory, "--trials", "1").returncode == 0
@@ -165,7 +188,7 @@ def test_a_target_no_schedule_reaches_is_said_and_nothing_is_chosen(tmp_path):
 def test_bad_search_options_name_the_fix(tmp_path, args, message):
     done = search(tmp_path / "study", *args)
     assert done.returncode != 0
-    assert __import__("re").search(message, done.stderr), done.stderr[-2000:]
+    assert re.search(message, done.stderr), done.stderr[-2000:]
 
 
 def test_a_search_without_a_speed_measurement_is_refused(tmp_path):
@@ -193,7 +216,7 @@ def test_a_search_without_a_quality_is_refused_before_the_first_trial(tmp_path):
 )
 def test_a_quality_no_configured_evaluator_reports_is_refused_before_the_first_trial(tmp_path, quality, message):
     done = search(tmp_path / "study", "--trials", "2", "--quality", quality)
-    assert done.returncode == 1 and __import__("re").search(message, done.stderr), done.stderr[-2000:]
+    assert done.returncode == 1 and re.search(message, done.stderr), done.stderr[-2000:]
     assert not (tmp_path / "study" / "trials").exists()
 
 
@@ -295,3 +318,24 @@ def test_when_every_re_measurement_is_noisy_the_flop_ideal_speed_up_decides_and_
     assert "FLOP-ideal" in result.note
     result, _ = _confirm(tmp_path, noisy, target=1.65)
     assert result.chosen["number"] == 1  # trial 0's FLOP-ideal 1.6x no longer reaches it
+
+
+def test_a_truncated_study_file_is_one_line_naming_it(tmp_path):
+    directory = tmp_path / "study"
+    directory.mkdir()
+    (directory / STUDY_FILE).write_bytes(b"SQLite format 3\x00" + b"\x00" * 40)  # cut off mid-header
+    done = search(directory, "--trials", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{directory / STUDY_FILE} is not a readable Optuna study" in done.stderr
+
+
+
+@pytest.mark.slow
+def test_a_missing_dataset_stops_the_search_after_its_first_trial(tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("dataset=", "+dataset."))]
+    overrides += ["dataset=folder", f"dataset.root={tmp_path / 'no_photos'}"]
+    done = search(tmp_path / "study", "--trials", "4", overrides=overrides)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert str(tmp_path / "no_photos") in done.stderr
+    records = list((tmp_path / "study" / "trials").glob("*/results.json"))
+    assert len(records) <= 1, "no trial after the first is spent on data that is not there"
