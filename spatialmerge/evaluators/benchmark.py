@@ -26,7 +26,7 @@ from spatialmerge.models import build_model
 # Tiny architectures for a quick end-to-end check of the script (and its tests).
 TINY = {
     "sam": {"image_size": 256, "depth": 4, "embed_dim": 32, "num_heads": 2, "global_attn_indexes": (1, 3), "window_size": 8},
-    "vit": {"img_size": 64, "depth": 4, "embed_dim": 32, "num_heads": 2},
+    "vit": {"image_size": 64, "depth": 4, "embed_dim": 32, "num_heads": 2},
     # Hiera at SAM 2's 1024 px with 1, 1, 4, 1 blocks (stage 3 = blocks 2-5 on 64x64)
     "sam2": {"trunk": {
         "embed_dim": 8, "num_heads": 1, "stages": [1, 1, 4, 1], "global_att_blocks": [4],
@@ -108,7 +108,7 @@ def default_suites(tiny: bool = False, batch_size: int | None = None) -> dict[st
         "dinov3_b": Suite(
             "dinov3_b", batch_size or (4 if tiny else 32), dino, dino_oracle,
             # 8x8 patches: ratio 0.1 must still remove a row and a column
-            {**TINY["vit"], "img_size": 128} if tiny else {"img_size": 224},
+            {**TINY["vit"], "image_size": 128} if tiny else {"image_size": 224},
         ),
     }
 

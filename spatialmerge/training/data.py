@@ -33,7 +33,7 @@ def train_transform(model: nn.Module, config: TrainConfig) -> Callable:
     """timm's training transform for ``model``: random resized crop, flip, RandAugment, random
     erasing, normalised with the model's own mean / std and interpolation. PIL -> (3, H, W)."""
     data = resolve_data_config({}, model=model)
-    # A model built at another size (e.g. img_size=32 for a quick run) keeps its pretrained
+    # A model built at another size (e.g. model.image_size=32 for a quick run) keeps its pretrained
     # config's 224: crop to the size its patch embedding expects.
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is not None and not getattr(model, "dynamic_img_size", False):
