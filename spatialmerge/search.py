@@ -241,7 +241,9 @@ class ScheduleSearch:
             "quality": quality,
         }
         self.directory.mkdir(parents=True, exist_ok=True)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search reports its own trials
+        # the search reports its own trials and their failures in one line each (optuna would add a
+        # traceback per failed trial at WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         storage = f"sqlite:///{(self.directory / STUDY_FILE).resolve()}"
         try:
             self.study = optuna.create_study(
