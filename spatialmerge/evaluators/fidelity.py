@@ -34,7 +34,7 @@ from spatialmerge.adapters.adapter import OutputKind
 from spatialmerge.data.coco import collate_list
 from spatialmerge.distributed import all_reduce_sum, shard_indices
 from spatialmerge.evaluators.base import DatasetEvaluator
-from spatialmerge.evaluators.metrics import Means, mask_iou, segment_agreement
+from spatialmerge.evaluators.metrics import FIDELITY_PERCENT, Means, mask_iou, segment_agreement
 from spatialmerge.evaluators.prompting import PromptPredictor
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the metrics reported in percent
-PERCENT = ("mask_iou", "top1_agreement", "top5_overlap", "segment_agreement")  # see metrics.PERCENT_METRICS
+PERCENT = FIDELITY_PERCENT
 
 _SUPPORTED = (
     "segment_anything.modeling.Sam, sam2 SAM2Base, transformers ViT / DeiT / DINOv2 / DINOv3 "

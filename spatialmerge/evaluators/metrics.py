@@ -93,10 +93,12 @@ class MeanIoU(SumsAccumulator):
         }
 
 
-# The metrics reported in percent (evaluators' own and fidelity's), also as unmerged_<key> and
-# delta_<key> (a difference in points).
+# The fidelity numbers reported in percent (the others are cosines or divergences).
+FIDELITY_PERCENT: tuple[str, ...] = ("mask_iou", "top1_agreement", "top5_overlap", "segment_agreement")
+# Every metric reported in percent (the evaluators' own and fidelity's), also as unmerged_<key>
+# and delta_<key> (a difference in points).
 PERCENT_METRICS = re.compile(
-    r"(unmerged_|delta_)?(miou|miou_per_image|top\d+|mask_iou|top1_agreement|top5_overlap|segment_agreement)"
+    rf"(unmerged_|delta_)?(miou|miou_per_image|top\d+|{'|'.join(FIDELITY_PERCENT)})"
 )
 
 
