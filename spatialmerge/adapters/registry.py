@@ -9,8 +9,10 @@ them. ``unpatch`` puts the original class back.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from spatialmerge.adapters.adapter import Adapter
@@ -51,7 +53,8 @@ def find_adapter(model: nn.Module) -> Adapter:
 def _patched_class(cls: type, adapter: Adapter) -> type:
     key = (cls, adapter.name)
     if key not in _CLASS_CACHE:
-        methods = {**adapter.overrides(), "__reduce_ex__": _reduce_patched,
+        entry_points = {name: _refusing_tracing(method) for name, method in adapter.overrides().items()}
+        methods = {**entry_points, "__reduce_ex__": _reduce_patched,
                    "__prepare_scriptable__": _refuse_scripting}
         _CLASS_CACHE[key] = type(f"Merging{cls.__name__}", (cls,), methods)
     return _CLASS_CACHE[key]
@@ -66,6 +69,26 @@ def _refuse_scripting(self: nn.Module) -> nn.Module:
         "it with torch.export or torch.compile instead (spatialmerge.export, docs/deploy.md), or "
         "spatialmerge.unpatch(model) first to script the unmerged model"
     )
+
+
+def _refusing_tracing(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` refusing ``torch.jit.trace`` (and the TorchScript ONNX exporter, which traces):
+    the tracer turns the grid's sizes into tensors, so the schedule's row and column counts would
+    fail deep inside it or be frozen as constants; say so in one line. torch.export and
+    torch.compile see ``is_tracing()`` as False and trace through."""
+
+    @functools.wraps(method)
+    def entry_point(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            raise TypeError(
+                f"{type(self).__name__} is patched by spatialmerge, which torch.jit.trace cannot "
+                "record (the merge's grid sizes become traced tensors); export it with "
+                "torch.export or torch.onnx.export(..., dynamo=True) instead (spatialmerge.export, "
+                "docs/deploy.md), or spatialmerge.unpatch(model) first to trace the unmerged model"
+            )
+        return method(self, *args, **kwargs)
+
+    return entry_point
 
 
 def _reduce_patched(self: nn.Module, protocol: int) -> tuple[Any, ...]:

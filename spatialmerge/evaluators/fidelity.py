@@ -34,7 +34,13 @@ from spatialmerge.adapters.adapter import OutputKind
 from spatialmerge.data.coco import collate_list
 from spatialmerge.distributed import all_reduce_sum, shard_indices
 from spatialmerge.evaluators.base import DatasetEvaluator
-from spatialmerge.evaluators.metrics import FIDELITY_PERCENT, Means, mask_iou, segment_agreement
+from spatialmerge.evaluators.metrics import (
+    FIDELITY_PERCENT,
+    Means,
+    check_finite,
+    mask_iou,
+    segment_agreement,
+)
 from spatialmerge.evaluators.prompting import PromptPredictor
 
 if TYPE_CHECKING:
@@ -229,8 +235,8 @@ class FidelityEvaluator(DatasetEvaluator):
         return self.evaluate(ctx.model, ctx.merge, ctx.dataset(transform=transform), ctx.device)
 
     def _compare_sam(self, sam: nn.Module, merged: nn.Module, shard: Subset) -> Means:
-        unmerged_predictor = PromptPredictor(sam)
-        merged_predictor = unmerged_predictor if merged is sam else PromptPredictor(merged)
+        unmerged_predictor = PromptPredictor(sam, metric="fidelity")
+        merged_predictor = unmerged_predictor if merged is sam else PromptPredictor(merged, metric="fidelity")
         loader = DataLoader(
             shard, batch_size=1, num_workers=self.num_workers, collate_fn=collate_list
         )
@@ -298,6 +304,8 @@ class FidelityEvaluator(DatasetEvaluator):
                 "tensor; evaluate the model in eval mode"
             )
         merged_logits = logits if merged is model else merged(images)
+        check_finite(logits, "the unmerged model's logits", "images of a batch", "fidelity")
+        check_finite(merged_logits, "the merged model's logits", "images of a batch", "fidelity")
         sums = {name: value.sum() for name, value in logit_fidelity(logits, merged_logits).items()}
         if logits.shape[1] > 5:
             sums["top5_overlap"] = topk_overlap(logits, merged_logits, 5).sum()
@@ -312,6 +320,8 @@ class FidelityEvaluator(DatasetEvaluator):
             merged_grid, merged_pooled = grid, pooled
         else:
             merged_grid, merged_pooled = adapter.dense_features(merged, images)
+        check_finite(grid, "the unmerged model's features", "images of a batch", "fidelity")
+        check_finite(merged_grid, "the merged model's features", "images of a batch", "fidelity")
         sums = {
             "feature_cosine": fidelity_map(grid, merged_grid).mean((1, 2)).sum(),
             "segment_agreement": segment_agreement(grid, merged_grid, segments).sum(),

@@ -14,6 +14,21 @@ import torch
 from torch import Tensor
 
 
+def check_finite(values: Tensor, what: str, items: str, metric: str) -> None:
+    """Refuse ``values`` (N, ...) where any of its N ``items`` holds a NaN or inf.
+
+    An argmax, a threshold or a cosine of NaN is still a number (a class, an empty mask, 0), so
+    broken weights would give a silent top-1, mIoU or fidelity instead of an error.
+    """
+    finite = torch.isfinite(values.detach()).flatten(1).all(1)  # (N,)
+    if not finite.all():
+        raise ValueError(
+            f"{what} are not finite (NaN or inf) on {int((~finite).sum())} of {values.shape[0]} "
+            f"{items}: the model's weights are broken (a corrupt or diverged checkpoint, or a merge "
+            f"that overflowed), so {metric} would mean nothing; check model.checkpoint"
+        )
+
+
 def mask_iou(pred: Tensor, gt: Tensor) -> Tensor:
     """Intersection over union of each predicted mask with its ground truth.
 

@@ -15,6 +15,7 @@ from segment_anything import SamPredictor
 from torch import Tensor, nn
 
 from spatialmerge.adapters import find_adapter
+from spatialmerge.evaluators.metrics import check_finite
 
 
 class PromptPredictor:
@@ -23,11 +24,14 @@ class PromptPredictor:
     Args:
         model: a segment-anything ``Sam`` or a sam2 ``SAM2Base`` (patched or not); its adapter
             supplies the family's own predictor, whose two call conventions this class hides.
+        metric: what the masks are for ("mIoU", "fidelity"), named when the model's image
+            embedding or mask logits are NaN or inf (thresholded, they would be empty masks).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, metric: str = "mIoU") -> None:
         self.predictor: Any = find_adapter(model).prompt_predictor(model)
         self.size: tuple[int, int] = (0, 0)
+        self.metric = metric
 
     @property
     def device(self) -> torch.device:
@@ -37,6 +41,7 @@ class PromptPredictor:
         """Run the image encoder on ``image``, (H, W, 3) uint8 RGB."""
         self.predictor.set_image(image)
         self.size = image.shape[:2]
+        check_finite(self.image_embedding(), "the image embedding's values", "images", self.metric)
 
     def image_embedding(self) -> Tensor:
         """(1, C, h, w) image embedding the mask decoder reads."""
@@ -51,11 +56,12 @@ class PromptPredictor:
             return self._sam_masks(boxes, points)
         count = len(boxes if boxes is not None else points)
         if points is not None:
-            masks, _, _ = self.predictor.predict(
+            masks, _, logits = self.predictor.predict(
                 point_coords=points[:, None, :], point_labels=np.ones((count, 1)), multimask_output=False
             )
         else:
-            masks, _, _ = self.predictor.predict(box=boxes, multimask_output=False)
+            masks, _, logits = self.predictor.predict(box=boxes, multimask_output=False)
+        self._check_logits(torch.from_numpy(logits).reshape(count, -1))
         # predict squeezes the prompt axis away when there is one prompt
         masks = masks.reshape(count, *self.size)
         return torch.from_numpy(masks > 0.5).to(self.device)
@@ -65,13 +71,19 @@ class PromptPredictor:
         if boxes is not None:
             boxes_t = torch.as_tensor(boxes, dtype=torch.float32, device=predictor.device)
             boxes_t = predictor.transform.apply_boxes_torch(boxes_t, self.size)  # (K, 4)
-            masks, _, _ = predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
+            masks, _, logits = predictor.predict_torch(None, None, boxes=boxes_t, multimask_output=False)
         else:
             points_t = torch.as_tensor(points, dtype=torch.float32, device=predictor.device)
             coords = predictor.transform.apply_coords_torch(points_t[:, None], self.size)  # (K, 1, 2)
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
-            masks, _, _ = predictor.predict_torch(coords, labels, multimask_output=False)
+            masks, _, logits = predictor.predict_torch(coords, labels, multimask_output=False)
+        self._check_logits(logits)  # (K, 1, 256, 256)
         return masks[:, 0]  # (K, 1, H, W) -> (K, H, W)
+
+    def _check_logits(self, logits: Tensor) -> None:
+        """(K, ...) low-resolution mask logits of K prompts: a NaN is below the threshold, so
+        its mask would be empty and count as a miss instead of an error."""
+        check_finite(logits, "the mask decoder's logits", "prompts of an image", self.metric)
 
     def reset(self) -> None:
         if isinstance(self.predictor, SamPredictor):

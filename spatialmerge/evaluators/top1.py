@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from spatialmerge.adapters import find_adapter
 from spatialmerge.distributed import all_reduce_sum, shard_indices
 from spatialmerge.evaluators.base import DatasetEvaluator
-from spatialmerge.evaluators.metrics import Accuracy, beside_baseline
+from spatialmerge.evaluators.metrics import Accuracy, beside_baseline, check_finite
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -105,12 +105,7 @@ class Top1Evaluator(DatasetEvaluator):
                         f"{len(classes)} class folders; point dataset.root at the full ImageNet "
                         "(1000 classes) or use a model with matching num_classes"
                     )
-                if not torch.isfinite(logits).all():  # argmax of NaN is a class: a silent number
-                    raise ValueError(
-                        f"the model's logits are not finite (NaN or inf) on {int((~torch.isfinite(logits)).any(1).sum())} "
-                        f"of {logits.shape[0]} images of a batch: its weights are broken (a corrupt or diverged "
-                        "checkpoint, or a merge that overflowed), so top-1 would mean nothing; check model.checkpoint"
-                    )
+                check_finite(logits, "the model's logits", "images of a batch", "top-1")
                 meter.update(logits.float(), target)
         total = Accuracy(self.ks)
         total.merge(all_reduce_sum(meter.state()))

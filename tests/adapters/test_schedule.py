@@ -1,6 +1,8 @@
 """One merge request from end to end: resolved once on the model, run by the forward, described
 in the record and named by one label."""
 
+import io
+
 import pytest
 import timm
 import torch
@@ -118,3 +120,18 @@ def test_scripting_a_patched_model_is_refused_in_one_line_naming_what_works():
                                             r"export it with torch.export or torch.compile"):
             torch.jit.script(wrapped)
     assert patch_state(model) is not None, "the refusal leaves the patch alone"
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:You are using the legacy TorchScript")
+def test_tracing_a_patched_model_is_refused_in_one_line_and_torch_export_still_runs():
+    model = spatialmerge.patch(tiny_vit(), "cubist", loc=1, r_h=1, r_w=1)
+    images = torch.randn(1, 3, 64, 64)
+    refusal = r"patched by spatialmerge, which torch.jit.trace cannot record.*torch.onnx.export\(\.\.\., dynamo=True\)"
+    with pytest.raises(TypeError, match=refusal):
+        torch.jit.trace(model, images)
+    with pytest.raises(TypeError, match=refusal):  # the TorchScript ONNX exporter traces too
+        torch.onnx.export(model, (images,), io.BytesIO(), dynamo=False)
+    exported = torch.export.export(model, (images,)).module()
+    torch.testing.assert_close(exported(images), model(images))
+    traced = torch.jit.trace(spatialmerge.unpatch(model), images)  # the unmerged model traces as before
+    torch.testing.assert_close(traced(images), model(images))

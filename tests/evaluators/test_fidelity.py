@@ -256,3 +256,15 @@ def test_clear_errors(make: Callable[[], Any], error: type, match: str) -> None:
 def test_sam_encoder_alone_is_rejected_with_a_hint(tiny_sam: Sam) -> None:
     with pytest.raises(TypeError, match="ImageEncoderViT.*pass the whole Sam"):
         FidelityEvaluator().evaluate(tiny_sam.image_encoder, None, _Empty())
+
+
+def test_non_finite_outputs_are_refused_not_compared(setup: tuple[nn.Module, Dataset, str]) -> None:
+    """The cosine or KL of NaN outputs would be a number (a silent 0 or NaN fidelity)."""
+    model, dataset, kind = setup
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    what = {"sam": "the image embedding's values", "classifier": "the unmerged model's logits",
+            "features": "the unmerged model's features"}[kind]
+    with pytest.raises(ValueError, match=rf"{what} are not finite \(NaN or inf\) on \d+ of \d+ .*so fidelity would mean nothing"):
+        FidelityEvaluator(num_workers=0, progress=False).evaluate(model, REAL_MERGE, dataset)

@@ -144,3 +144,19 @@ def test_the_merged_miou_comes_with_the_unmerged_one_on_the_same_images(
     assert both["unmerged_miou"] == pytest.approx(alone["miou"])
     assert both["delta_miou"] == pytest.approx(both["miou"] - alone["miou"])
     assert both["unmerged_miou_per_image"] == pytest.approx(alone["miou_per_image"])
+
+
+@pytest.mark.parametrize(
+    "broken, what",
+    [("image_encoder.neck", "the image embedding's values"), ("mask_decoder.output_upscaling", "the mask decoder's logits")],
+)
+def test_non_finite_outputs_are_refused_not_scored_as_empty_masks(
+    coco_root: Path, tiny_sam: Sam, broken: str, what: str
+) -> None:
+    """A NaN mask logit is below the threshold, so its mask would be empty: an mIoU near 0
+    instead of an error."""
+    with torch.no_grad():
+        for parameter in tiny_sam.get_submodule(broken).parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"{what} are not finite \(NaN or inf\) on \d+ of \d+ .*so mIoU would mean nothing"):
+        MIoUEvaluator(num_workers=0, progress=False).evaluate(tiny_sam, CocoInstances(str(coco_root)))

@@ -93,3 +93,11 @@ def test_eval_py_runs_sam2_coco_miou_with_merging_from_a_checkpoint(coco_root, t
     assert miou["instances"] == 4 and "unmerged_miou" in miou
     assert payload["metrics"]["throughput"]["cubist"]["tokens"] == 3136
     assert "ran: before block 3 64x64 -> 56x56" in done.stdout
+
+
+def test_non_finite_sam2_mask_logits_are_refused(coco_root, tiny_sam2):
+    with torch.no_grad():
+        for parameter in tiny_sam2.sam_mask_decoder.output_upscaling.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the mask decoder's logits are not finite .* on 2 of 2 prompts of an image"):
+        MIoUEvaluator(num_workers=0, progress=False).evaluate(tiny_sam2, CocoInstances(str(coco_root)))
