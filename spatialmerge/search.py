@@ -33,7 +33,8 @@ from spatialmerge.adapters import find_adapter
 from spatialmerge.adapters.registry import resolve_schedule
 from spatialmerge.adapters.schedule import label, schedule_text, variant_parts
 from spatialmerge.data import DatasetLayoutError
-from spatialmerge.data.images import CorruptImageError
+from spatialmerge.data.images import CorruptImageError, check_readable
+from spatialmerge.evaluators.base import DatasetEvaluator
 from spatialmerge.evaluators.timing import speedup_text
 from spatialmerge.models.checkpoints import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from spatialmerge.pipeline import EvalContext, instantiate, record, run_evaluators
@@ -166,6 +167,27 @@ def check_quality(key: str | None, evaluators: list[str]) -> None:
         )
 
 
+def check_inputs(cfg: DictConfig) -> int:
+    """Before trial 0: build the configured dataset (its root and layout) and read every image
+    the evaluators will read (the most any of them reads: its ``max_images``, every image for
+    top-1), so that data every trial would fail on stops the search before any trial is spent.
+    Returns how many images were read."""
+    readers = [instantiate(c) for name, c in cfg.evaluator.items() if name != "throughput"]
+    readers = [e for e in readers if isinstance(e, DatasetEvaluator)]
+    if not readers:
+        return 0
+    if "dataset" not in cfg:
+        raise ValueError(
+            f"evaluator {', '.join(n for n in cfg.evaluator if n != 'throughput')} reads a dataset; "
+            "choose one with dataset=..., e.g. dataset=photos"
+        )
+    dataset = instantiate(cfg.dataset)()
+    count = max(e.image_count(len(dataset)) for e in readers)
+    log.info("reading the %d image(s) every trial will read, once, before trial 0", count)
+    check_readable(dataset, count, progress=any(e.progress for e in readers))
+    return count
+
+
 @dataclass
 class SearchResult:
     """A finished (or resumed) search: every trial and what it chose."""
@@ -211,6 +233,8 @@ class ScheduleSearch:
             include ``throughput``.
         directory: where the study database, the trials' records and the outputs go; an
             existing study there is resumed, and refused if it was started with other settings.
+            Nothing is written there before the settings and the data pass their checks
+            (``check_quality``, ``check_inputs``).
         space: what trials may propose.
         quality: ``evaluator/metric`` to maximise beside the speed-up; None picks the first of
             ``QUALITY_KEYS`` the evaluators report.
@@ -227,6 +251,7 @@ class ScheduleSearch:
                 "(fidelity + throughput) or evaluator=segmentation (miou + throughput)"
             )
         check_quality(quality, list(cfg.evaluator))
+        check_inputs(cfg)
         self.cfg = cfg
         self.directory = Path(directory)
         self.space = space
@@ -260,7 +285,9 @@ class ScheduleSearch:
                 "another --dir"
             ) from None
         saved = self.study.user_attrs.get("setup")
-        if saved is None:
+        # a study no trial has started in (its first attempt stopped on a missing checkpoint, say)
+        # takes the corrected settings
+        if saved is None or not self.study.get_trials(deepcopy=False):
             self.study.set_user_attr("setup", self.setup)
         elif saved != _jsonable(self.setup):
             changed = sorted(k for k in self.setup if _jsonable(self.setup[k]) != saved.get(k))

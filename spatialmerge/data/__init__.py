@@ -4,7 +4,7 @@ and the photographs bundled with scikit-image."""
 from spatialmerge.data.coco import CocoInstances, collate_list, mask_interior_point
 from spatialmerge.data.errors import DatasetLayoutError
 from spatialmerge.data.folder import ImageFolderUnlabeled
-from spatialmerge.data.images import CorruptImageError, load_rgb
+from spatialmerge.data.images import CorruptImageError, check_readable, load_rgb
 from spatialmerge.data.imagenet import eval_transform, imagenet_dataset
 from spatialmerge.data.photos import PHOTOS, SkimagePhotos
 
@@ -15,6 +15,7 @@ __all__ = [
     "ImageFolderUnlabeled",
     "PHOTOS",
     "SkimagePhotos",
+    "check_readable",
     "collate_list",
     "eval_transform",
     "imagenet_dataset",

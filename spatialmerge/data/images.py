@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm import tqdm
 
 # PIL modes of 16- and 32-bit single-channel integer images: convert("RGB") clips them to 255
 # (a 16-bit PNG turns almost white), so they are scaled down to 8 bits first.
@@ -44,3 +46,15 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
             return pil.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"cannot read image {path}: {err}; replace or remove the file", path) from None
+
+
+def check_readable(dataset: Dataset, count: int, progress: bool = False) -> None:
+    """Read items ``0 .. count - 1`` of ``dataset`` once, in order, so that a file no item can
+    be made from stops a caller before it spends time on models.
+
+    Raises:
+        the first failing item's own error: :class:`CorruptImageError` naming the file, or the
+        dataset's (e.g. a COCO image whose size disagrees with its annotation).
+    """
+    for index in tqdm(range(count), desc="reading images", unit="img", disable=not progress):
+        dataset[index]

@@ -411,8 +411,11 @@ def test_backward_reaches_patch_embed_with_and_without_checkpointing():
 @torch.no_grad()
 @pytest.mark.parametrize("options", [dict(method="cubist", loc=1, r_h=2, r_w=2), dict(method="tome", r=5)])
 def test_bfloat16_forward_on_cpu(options):
-    """bf16 merged within bf16's own rounding of the model (2x the unmerged model's bf16 error,
-    measured 0.0033 on logits of at most 0.31), far below what the merge itself changes."""
+    """bf16 merged within bf16's own rounding of the model (3x the unmerged model's bf16 error),
+    far below what the merge itself changes. The rounding depends on the CPU's bf16 kernels: one
+    machine measured 0.0033 on logits of at most 0.31, another 0.0029 with ToMe's bf16 forward
+    off by 0.0059 (bf16 similarities may pick other pairs); the merge changes logits by 0.023
+    (ToMe) and 0.052 (cubist)."""
     model = tiny_deit()
     x = torch.randn(2, 3, 96, 96)
     unmerged = model(x)
@@ -422,7 +425,7 @@ def test_bfloat16_forward_on_cpu(options):
     expected = model(x)
     out = model.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 10)
-    tolerance = 2 * float(rounding)
+    tolerance = 3 * float(rounding)
     assert (out.float() - expected).abs().max() <= tolerance
     # a bf16 run that skipped or botched the merge would be off by about this much
     assert (expected - unmerged).abs().max() > 2 * tolerance

@@ -16,11 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
 from omegaconf import OmegaConf
 
-from spatialmerge.search import STUDY_FILE, SearchSpace, quality_of
+from spatialmerge.data import CorruptImageError
+from spatialmerge.search import STUDY_FILE, SearchSpace, check_inputs, quality_of
 
 ROOT = Path(__file__).resolve().parents[2]
 # 4 blocks on an 8x8 grid, fidelity on two photos, two timed rounds: about a second a trial
@@ -41,6 +45,11 @@ def _load_script():
 
 
 SCRIPT = _load_script()
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
 
 
 @dataclass
@@ -330,12 +339,48 @@ def test_a_truncated_study_file_is_one_line_naming_it(tmp_path):
 
 
 
-@pytest.mark.slow
-def test_a_missing_dataset_stops_the_search_after_its_first_trial(tmp_path):
-    overrides = [o for o in TINY if not o.startswith(("dataset=", "+dataset."))]
-    overrides += ["dataset=folder", f"dataset.root={tmp_path / 'no_photos'}"]
-    done = search(tmp_path / "study", "--trials", "4", overrides=overrides)
+def _folder_overrides(root: Path) -> list[str]:
+    return [o for o in TINY if not o.startswith(("dataset=", "+dataset."))] + ["dataset=folder", f"dataset.root={root}"]
+
+
+def test_a_missing_dataset_is_refused_before_the_study_is_made(tmp_path):
+    done = search(tmp_path / "study", "--trials", "4", overrides=_folder_overrides(tmp_path / "no_photos"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert str(tmp_path / "no_photos") in done.stderr
-    records = list((tmp_path / "study" / "trials").glob("*/results.json"))
-    assert len(records) <= 1, "no trial after the first is spent on data that is not there"
+    assert f"image folder not found: {tmp_path / 'no_photos'}" in done.stderr
+    assert not (tmp_path / "study").exists(), "nothing is written before the data is checked"
+
+
+def test_a_corrupt_image_is_refused_before_the_first_trial_naming_the_file(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photos / "a.png")
+    (photos / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    done = search(tmp_path / "study", "--trials", "4", overrides=_folder_overrides(photos))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot read image {photos / 'b.jpg'}" in line and "replace or remove the file" in line
+    assert not (tmp_path / "study").exists()
+
+
+def test_only_the_images_the_evaluators_read_are_checked(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photos / "a.png")
+    (photos / "b.jpg").write_bytes(b"not a jpeg")  # second in order: past max_images=1
+    cfg = _compose([*_folder_overrides(photos), "+evaluator.fidelity.max_images=1"])
+    assert check_inputs(cfg) == 1
+    cfg = _compose(_folder_overrides(photos))
+    with pytest.raises(CorruptImageError, match="b.jpg"):
+        check_inputs(cfg)
+
+
+def test_a_study_whose_first_attempt_ran_no_trial_takes_the_corrected_settings(tmp_path):
+    directory = tmp_path / "study"
+    missing = tmp_path / "deit_t.pth"
+    broken = [o if o != "model.checkpoint=null" else f"model.checkpoint={missing}" for o in TINY]
+    done = search(directory, "--trials", "1", overrides=broken)
+    assert done.returncode == 1 and str(missing) in done.stderr
+    assert study(directory).get_trials() == []
+    done = search(directory, "--trials", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert study(directory).user_attrs["setup"]["model"]["checkpoint"] is None
