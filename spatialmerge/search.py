@@ -146,9 +146,9 @@ def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str,
     )
 
 
-def check_quality(key: str | None, evaluators: list[str]) -> None:
-    """Refuse, before the first trial, a quality the configured evaluators cannot report:
-    every trial would be timed and then fail."""
+def check_quality(key: str | None, evaluators: Mapping[str, Any]) -> None:
+    """Refuse, before the first trial, a quality the configured evaluators (name -> evaluator)
+    cannot report: every trial would be timed and then fail."""
     if key is None:
         if not any(k.partition("/")[0] in evaluators for k in QUALITY_KEYS):
             raise ValueError(
@@ -165,20 +165,26 @@ def check_quality(key: str | None, evaluators: list[str]) -> None:
             f"throughput ({', '.join(quality_evaluators) or 'none configured'}), e.g. "
             f"{next((k for k in QUALITY_KEYS if k.partition('/')[0] in evaluators), 'fidelity/feature_cosine')}"
         )
+    declared = getattr(evaluators[evaluator], "metric_names", None)  # a user's evaluator may not say
+    names = declared() if declared is not None else (metric,)
+    if metric not in names:
+        raise ValueError(
+            f"--quality {key}: the {evaluator} evaluator reports no {metric!r}; it reports "
+            f"{', '.join(f'{evaluator}/{n}' for n in names)}"
+        )
 
 
-def check_inputs(cfg: DictConfig) -> int:
+def check_inputs(cfg: DictConfig, evaluators: Mapping[str, Any]) -> int:
     """Before trial 0: build the configured dataset (its root and layout) and read every image
-    the evaluators will read (the most any of them reads: its ``max_images``, every image for
-    top-1), so that data every trial would fail on stops the search before any trial is spent.
-    Returns how many images were read."""
-    readers = [instantiate(c) for name, c in cfg.evaluator.items() if name != "throughput"]
-    readers = [e for e in readers if isinstance(e, DatasetEvaluator)]
+    the evaluators (name -> evaluator) will read (the most any of them reads: its
+    ``max_images``, every image for top-1), so that data every trial would fail on stops the
+    search before any trial is spent. Returns how many images were read."""
+    readers = [e for e in evaluators.values() if isinstance(e, DatasetEvaluator)]
     if not readers:
         return 0
     if "dataset" not in cfg:
         raise ValueError(
-            f"evaluator {', '.join(n for n in cfg.evaluator if n != 'throughput')} reads a dataset; "
+            f"evaluator {', '.join(n for n, e in evaluators.items() if e in readers)} reads a dataset; "
             "choose one with dataset=..., e.g. dataset=photos"
         )
     dataset = instantiate(cfg.dataset)()
@@ -250,8 +256,9 @@ class ScheduleSearch:
                 f"evaluators are {', '.join(cfg.evaluator) or 'none'}; use e.g. evaluator=features "
                 "(fidelity + throughput) or evaluator=segmentation (miou + throughput)"
             )
-        check_quality(quality, list(cfg.evaluator))
-        check_inputs(cfg)
+        evaluators = {name: instantiate(settings) for name, settings in cfg.evaluator.items()}
+        check_quality(quality, evaluators)
+        check_inputs(cfg, evaluators)
         self.cfg = cfg
         self.directory = Path(directory)
         self.space = space

@@ -37,6 +37,11 @@ class DatasetEvaluator:
         self.num_workers = num_workers
         self.progress = progress
 
+    def metric_names(self) -> tuple[str, ...]:
+        """Every number this evaluator may report (with a merge, on some backbone), so that a
+        metric asked for by name (the search's ``--quality``) is checked before any work."""
+        raise NotImplementedError
+
     def image_count(self, available: int) -> int:
         """How many of ``available`` images to evaluate."""
         return available if self.max_images is None else min(self.max_images, available)

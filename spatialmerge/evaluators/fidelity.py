@@ -228,6 +228,13 @@ class FidelityEvaluator(DatasetEvaluator):
         reduced.merge(all_reduce_sum(sums.state()))
         return {"kind": kind, **reduced.compute(), "images": count}
 
+    def metric_names(self) -> tuple[str, ...]:
+        """Every kind's numbers; one model reports those of its kind (see ``evaluate``)."""
+        return (
+            "images", "mask_iou", "embedding_cosine", "top1_agreement", "kl", "top5_overlap",
+            "feature_cosine", "cls_cosine", "pooled_cosine", "segment_agreement",
+        )
+
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
         """Pipeline entry: SAM gets raw images, other models their own eval transforms."""
         adapter, kind = _comparison(ctx.model)

@@ -148,6 +148,9 @@ def test_the_merged_top1_comes_with_the_unmerged_one_on_the_same_images(
         EvalContext(tiny_deit, merge=merge, device="cpu", dataset_factory=factory)
     )
     assert "unmerged_top1" not in skipped and skipped["top1"] == both["top1"]
+    # what a search's --quality is checked against before its first trial
+    assert set(both) == set(Top1Evaluator(ks=(1, 2)).metric_names())
+    assert set(skipped) == set(Top1Evaluator(ks=(1, 2), baseline=False).metric_names())
 
 
 def test_non_finite_logits_are_refused_not_counted() -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 from omegaconf import OmegaConf
 
 from spatialmerge.data import CorruptImageError
+from spatialmerge.pipeline import instantiate
 from spatialmerge.search import STUDY_FILE, SearchSpace, check_inputs, quality_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,15 +230,25 @@ def test_a_quality_no_configured_evaluator_reports_is_refused_before_the_first_t
     assert not (tmp_path / "study" / "trials").exists()
 
 
-def test_a_metric_the_evaluator_does_not_report_stops_the_search_after_one_trial(tmp_path):
+def test_a_metric_the_evaluator_never_reports_is_refused_before_the_first_trial(tmp_path):
     done = search(tmp_path / "study", "--trials", "3", "--quality", "fidelity/nonsense")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "--quality fidelity/nonsense: the fidelity evaluator reports no 'nonsense'" in line
+    assert "fidelity/feature_cosine" in line, "the metrics it does report are named"
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_metric_of_another_backbone_kind_stops_the_search_after_one_trial(tmp_path):
+    # mask_iou is fidelity's number for SAM; this DeiT reports features: known after one trial
+    done = search(tmp_path / "study", "--trials", "3", "--quality", "fidelity/mask_iou")
     assert done.returncode == 1
-    assert "no quality fidelity/nonsense in the trial's metrics" in done.stderr
+    assert "no quality fidelity/mask_iou in the trial's metrics" in done.stderr
     assert "fidelity/feature_cosine" in done.stderr, "the metrics it does report are named"
     records = sorted((tmp_path / "study" / "trials").glob("*/results.json"))
     assert len(records) == 1, "no second trial is spent on a setting every trial fails"
     record = json.loads(records[0].read_text())
-    assert record["status"] == "failed" and "fidelity/nonsense" in record["error"]
+    assert record["status"] == "failed" and "fidelity/mask_iou" in record["error"]
 
 
 def test_the_quality_is_the_asked_metric_or_a_clear_error():
@@ -368,10 +379,10 @@ def test_only_the_images_the_evaluators_read_are_checked(tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photos / "a.png")
     (photos / "b.jpg").write_bytes(b"not a jpeg")  # second in order: past max_images=1
     cfg = _compose([*_folder_overrides(photos), "+evaluator.fidelity.max_images=1"])
-    assert check_inputs(cfg) == 1
+    assert check_inputs(cfg, {name: instantiate(c) for name, c in cfg.evaluator.items()}) == 1
     cfg = _compose(_folder_overrides(photos))
     with pytest.raises(CorruptImageError, match="b.jpg"):
-        check_inputs(cfg)
+        check_inputs(cfg, {name: instantiate(c) for name, c in cfg.evaluator.items()})
 
 
 def test_a_study_whose_first_attempt_ran_no_trial_takes_the_corrected_settings(tmp_path):
