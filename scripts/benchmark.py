@@ -21,7 +21,7 @@ import torch
 from spatialmerge import project_root
 from spatialmerge.distributed import resolve_device
 from spatialmerge.evaluators.benchmark import default_suites, format_rows, run_suite
-from spatialmerge.results import environment, write_json_atomic
+from spatialmerge.results import environment, new_run_dir, write_json_atomic
 
 
 def replay_command(args: argparse.Namespace) -> str:
@@ -64,14 +64,14 @@ def main() -> None:
         parser.error(f"--dtype {args.dtype} is CUDA autocast; on {device.type} use --dtype fp32")
 
     root = Path(os.environ.get("SPATIALMERGE_ROOT") or project_root())
-    out = args.out or root / "logs" / "benchmark" / time.strftime("%Y-%m-%d_%H-%M-%S") / "benchmark.json"
-    if out.exists():
-        parser.error(f"--out {out} exists; a benchmark never overwrites a file: choose another --out")
+    if args.out is not None and args.out.exists():
+        parser.error(f"--out {args.out} exists; a benchmark never overwrites a file: choose another --out")
     suites = default_suites(tiny=args.tiny, batch_size=args.batch_size)
     chosen = [name.strip() for name in args.suites.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(suites))
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {', '.join(suites)}")
+    out = args.out or new_run_dir(root / "logs", "benchmark") / "benchmark.json"
     rows = []
     for name in chosen:
         print(f"benchmarking {name} ({len(suites[name].schedules)} schedules) ...", flush=True)

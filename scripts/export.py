@@ -31,8 +31,14 @@ from spatialmerge import export as deploy  # noqa: E402
 from spatialmerge.adapters import find_adapter  # noqa: E402
 from spatialmerge.evaluators.timing import host_load, machine_load, speedup_text, summarise_rounds  # noqa: E402
 from spatialmerge.pipeline import instantiate, resolve_merge  # noqa: E402
+from spatialmerge.results import new_run_dir, refuse_existing  # noqa: E402
 
 import spatialmerge  # noqa: E402
+
+
+def unmerged_onnx(out: Path) -> Path:
+    """Where the unmerged encoder, exported for the timing, goes: beside ``out``."""
+    return out.with_name(out.stem + "_unmerged" + out.suffix)
 
 
 def time_rounds(runners: dict[str, object], images: torch.Tensor, rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -69,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rounds={args.rounds} must be >= 1 and --warmup={args.warmup} >= 0")
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=args.overrides)
-        out = args.out or Path(cfg.paths.log_dir) / "export" / time.strftime("%Y-%m-%d_%H-%M-%S") / (
-            "encoder" + deploy.SUFFIX[args.format]
-        )
-        if out.exists():
-            raise FileExistsError(f"{out} exists; an export never overwrites a file: choose another --out")
+        if args.out is not None:
+            refuse_existing(args.out, "an export")
+            if args.format == "onnx":  # the unmerged encoder it is timed against goes beside it
+                refuse_existing(unmerged_onnx(args.out), "an export")
         torch.manual_seed(cfg.seed)
         model = instantiate(cfg.model).eval()
         schedule = resolve_merge(model, cfg.merge)
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.randn(1, *find_adapter(model).input_size(model), generator=torch.Generator().manual_seed(0))
         unmerged = copy.deepcopy(model)  # before any tracing: a traced model holds fake tensors
         merged = spatialmerge.patch(model, **schedule.options)
+        out = args.out or new_run_dir(cfg.paths.log_dir, "export") / ("encoder" + deploy.SUFFIX[args.format])
         print(f"model: {cfg.model.name}   merge: {schedule.label()}")
         expected = deploy.eager_outputs(merged, images)
         deploy.export(merged, images, out, args.format)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the exported file differs from the eager model by {difference:.2e}", file=sys.stderr)
             return 1
         if args.format == "onnx":
-            unmerged_path = out.with_name(out.stem + "_unmerged" + out.suffix)
+            unmerged_path = unmerged_onnx(out)
             deploy.export(unmerged, images, unmerged_path, "onnx")
             eager_merged, eager_unmerged = (deploy.Exported(deploy.export_target(m)).eval() for m in (merged, unmerged))
             runners = {"onnxruntime unmerged": deploy.OnnxRunner(unmerged_path), "onnxruntime merged": runner,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -34,6 +33,7 @@ from spatialmerge.jobs import USER_ERRORS  # noqa: E402
 from spatialmerge.pipeline import instantiate  # noqa: E402
 from spatialmerge.reporting.pareto import plot_pareto  # noqa: E402
 from spatialmerge.reporting.table import build_rows, collect_results, write_report  # noqa: E402
+from spatialmerge.results import new_run_dir  # noqa: E402
 from spatialmerge.search import (  # noqa: E402
     SEARCH_METHODS,
     ScheduleSearch,
@@ -77,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=args.overrides)
-        directory = args.dir or Path(cfg.paths.log_dir) / "search" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        search = ScheduleSearch(cfg, directory, space, quality=args.quality, seed=args.seed)
+        directory = args.dir or new_run_dir(cfg.paths.log_dir, "search")
+        try:
+            search = ScheduleSearch(cfg, directory, space, quality=args.quality, seed=args.seed)
+        except BaseException:
+            if args.dir is None and not any(directory.iterdir()):  # refused before the study began
+                directory.rmdir()
+            raise
         logger = instantiate(cfg.logger) if "logger" in cfg else None
         if logger is not None:
             logger.start(directory, search.setup, name="schedule search", group=None)

@@ -15,7 +15,6 @@ still show the mechanics (which patches are combined), not what a trained model 
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from spatialmerge.data.images import load_rgb  # noqa: E402
 from spatialmerge.data.photos import PHOTOS, skimage_data_dir  # noqa: E402
 from spatialmerge.pipeline import instantiate, resolve_merge  # noqa: E402
 from spatialmerge.reporting.pictures import merge_figure  # noqa: E402
+from spatialmerge.results import new_run_dir, refuse_existing  # noqa: E402
 from spatialmerge.adapters.schedule import schedule_text  # noqa: E402
 
 DEFAULT_METHODS = ("cubist", "tome", "expedite")
@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         random = cfg.model.get("checkpoint") is None
         weights = "random weights: the mechanics only" if random else "trained weights"
         title = f"{cfg.model.name} ({weights}) · merge {schedule_text(schedule)} · {args.image.name}"
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        out = args.out or Path(cfg.paths.log_dir) / "visualize" / stamp / f"{args.image.stem}_merges.png"
-        if out.exists():
-            raise FileExistsError(f"{out} exists; a picture never overwrites a file: choose another --out")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out is not None:
+            refuse_existing(args.out, "a picture")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        out = args.out or new_run_dir(cfg.paths.log_dir, "visualize") / f"{args.image.stem}_merges.png"
         maps = merge_figure(
             model, image, merges, out, title, fidelity=args.fidelity, seed=args.seed, panel_width=args.panel_width
         )

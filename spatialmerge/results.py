@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -76,3 +77,28 @@ def _umask() -> int:
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """results.json and friends, written with ``atomic_write``."""
     atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode()))
+
+
+def refuse_existing(path: Path, what: str) -> Path:
+    """``path``, which a tool was asked to write (``--out``), unless a file is there already:
+    ``what`` ("an export") never overwrites one."""
+    if Path(path).exists():
+        raise FileExistsError(f"{path} exists; {what} never overwrites a file: choose another --out")
+    return Path(path)
+
+
+def new_run_dir(log_dir: str | os.PathLike[str], tool: str) -> Path:
+    """A directory of its own for one run of ``tool``: ``<log_dir>/<tool>/<time>``, created here
+    (``<time>_2``, ``<time>_3``, ... when another run took that second), so two runs never
+    share one."""
+    base = Path(log_dir) / tool
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    path, taken = base / stamp, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            taken += 1
+            path = base / f"{stamp}_{taken}"

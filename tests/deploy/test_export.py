@@ -141,6 +141,15 @@ def test_export_script_writes_checks_and_times_a_tiny_deit(tmp_path):
     assert again.returncode == 1 and "never overwrites" in again.stderr
 
 
+def test_an_existing_unmerged_twin_is_refused_before_any_export(tmp_path):
+    twin = tmp_path / "deit_unmerged.onnx"  # an earlier export's timing partner
+    twin.write_bytes(b"an earlier export")
+    done = subprocess.run([sys.executable, "scripts/export.py", "model=deit_t", "model.checkpoint=null",
+                           "--out", str(tmp_path / "deit.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"{twin} exists; an export never overwrites a file" in done.stderr
+    assert twin.read_bytes() == b"an earlier export" and not (tmp_path / "deit.onnx").exists()
+
+
 @torch.no_grad()
 def test_sam_predictor_on_the_onnxruntime_encoder_gives_the_merged_models_masks(tmp_path):
     import numpy as np
