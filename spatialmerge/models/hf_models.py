@@ -23,6 +23,7 @@ from spatialmerge.models.checkpoints import (
     read_state_dict,
 )
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, embedded_checkpoint
+from spatialmerge.models.info import check_image_size
 
 # Registry name -> (config class, model class, configuration of the released checkpoint).
 HF_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -133,13 +134,7 @@ def build_hf_model(
                 f"model.image_size={image_size} for {name!r}: {model_name} takes only its "
                 f"checkpoint's {model.config.image_size} px; drop model.image_size"
             )
-        patch = model.config.patch_size
-        if image_size % patch:
-            raise ValueError(
-                f"model.image_size={image_size} for {name!r} is not a multiple of its {patch}-px "
-                f"patches; the nearest valid sizes are {image_size // patch * patch} and "
-                f"{(image_size // patch + 1) * patch}"
-            )
+        check_image_size(name, image_size, model.config.patch_size)
         model.config.image_size = image_size
     return model.eval()
 

@@ -186,3 +186,23 @@ def model_info(name: str) -> ModelInfo:
         return _MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}") from None
+
+
+def check_image_size(name: str, size: object, patch: int) -> None:
+    """Refuse, before building, an input side the patch grid does not tile (the builders would
+    silently drop the rest of the image) or that is no whole number of pixels."""
+    if size is None:
+        return
+    sides = list(size) if isinstance(size, (tuple, list)) else [size]
+    for side in sides:
+        if isinstance(side, bool) or not isinstance(side, int) or side < patch:
+            raise ValueError(
+                f"model.image_size={size!r} for {name!r} must be a whole number of pixels (or a pair) "
+                f"of at least {patch}, a multiple of its {patch}-px patches"
+            )
+        if side % patch:
+            low, high = side // patch * patch, (side // patch + 1) * patch
+            raise ValueError(
+                f"model.image_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
+                f"the nearest valid sizes are {low} and {high} (e.g. model.image_size={high})"
+            )

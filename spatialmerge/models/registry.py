@@ -11,7 +11,7 @@ from torch import nn
 from spatialmerge.models.checkpoints import CheckpointNotFoundError, PathLike
 from spatialmerge.models.embedded import EMBEDDED_SOURCE, resolve_embedded
 from spatialmerge.models.hf_models import HF_MODELS, build_hf_model
-from spatialmerge.models.info import ModelInfo, add_model_info, known_names, model_info
+from spatialmerge.models.info import ModelInfo, add_model_info, check_image_size, known_names, model_info
 from spatialmerge.models.sam import build_sam_b, build_sam_h, build_sam_l
 from spatialmerge.models.sam2 import SAM2_CONFIGS, build_sam2_model
 from spatialmerge.models.timm_models import build_timm_model
@@ -51,26 +51,6 @@ def register_model(info: ModelInfo, builder: Builder) -> None:
 def available_models() -> list[str]:
     """Every name :func:`build_model` accepts."""
     return list(_BUILDERS)
-
-
-def check_image_size(name: str, size: object, patch: int) -> None:
-    """Refuse, before building, an input side the patch grid does not tile (the builders would
-    silently drop the rest of the image) or that is no whole number of pixels."""
-    if size is None:
-        return
-    sides = list(size) if isinstance(size, (tuple, list)) else [size]
-    for side in sides:
-        if isinstance(side, bool) or not isinstance(side, int) or side < patch:
-            raise ValueError(
-                f"model.image_size={size!r} for {name!r} must be a whole number of pixels (or a pair) "
-                f"of at least {patch}, a multiple of its {patch}-px patches"
-            )
-        if side % patch:
-            low, high = side // patch * patch, (side // patch + 1) * patch
-            raise ValueError(
-                f"model.image_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
-                f"the nearest valid sizes are {low} and {high} (e.g. model.image_size={high})"
-            )
 
 
 def build_model(name: str, checkpoint: PathLike | None = None, **overrides: object) -> nn.Module:

@@ -383,3 +383,17 @@ def test_corrupt_files_are_named(
 def test_an_input_size_the_patches_do_not_tile_is_refused_before_building(name, overrides, message):
     with pytest.raises(ValueError, match=message):
         build_model(name, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (450, r"model.image_size=450 for 'hf_dinov2_s' is not a multiple of its 14-px patches; "
+              r"the nearest valid sizes are 448 and 462"),
+        (127.5, r"model.image_size=127.5 for 'hf_dinov2_s' must be a whole number of pixels"),
+        (True, r"model.image_size=True for 'hf_dinov2_s' must be a whole number of pixels"),
+    ],
+)
+def test_a_transformers_model_refuses_the_sizes_every_other_model_refuses(size, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("hf_dinov2_s", image_size=size, num_hidden_layers=1)
