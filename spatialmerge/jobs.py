@@ -110,11 +110,12 @@ def _recorded_status(path: Path) -> str:
         return "unreadable"
 
 
-def _refuse_to_replace(run_dir: Path, resuming: bool) -> None:
+def _refuse_to_replace(run_dir: Path, resuming: bool, directory_key: str = "hydra.run.dir") -> None:
     """Exit with one line when ``run_dir`` already records a run this job may not continue,
     before writing there. Only an unfinished training run (checkpoints, a record whose status
-    is not ok) continues, and only with ``trainer.resume``; a finished run, an evaluation
-    record, anything else is never rewritten."""
+    is not ok) continues, and only with ``trainer.resume`` (of train.py); a finished run, an
+    evaluation record, anything else is never rewritten. ``directory_key`` is the setting that
+    chose the directory, named in the fix."""
     existing = run_dir / RESULTS_FILE
     if not existing.exists():
         return
@@ -122,7 +123,7 @@ def _refuse_to_replace(run_dir: Path, resuming: bool) -> None:
     unfinished_training = (run_dir / "checkpoints").is_dir() and status != "ok"
     if resuming and unfinished_training:
         return
-    fresh = "choose a new directory (leave hydra.run.dir unset for a fresh timestamped one)"
+    fresh = f"choose a new directory (leave {directory_key} unset for a fresh timestamped one)"
     if resuming and (run_dir / "checkpoints").is_dir():
         why = (f"{existing} records a finished training run (status ok): resuming would rewrite its "
                f"record; its weights are in {run_dir / 'checkpoints'}: {fresh}")
@@ -131,8 +132,8 @@ def _refuse_to_replace(run_dir: Path, resuming: bool) -> None:
                f"unfinished training run continues with trainer.resume: {fresh}")
     else:
         why = (f"{existing} already records another run; a job never overwrites another job's record: "
-               f"{fresh}" + (", or continue that unfinished training run with trainer.resume=auto"
-                             if unfinished_training else ""))
+               f"{fresh}" + (", or continue that unfinished training run with train.py and its own "
+                             "settings plus trainer.resume=auto" if unfinished_training else ""))
     _refuse(RecordExistsError(why))
 
 
@@ -257,22 +258,35 @@ class RecordGuard(Callback):
     already holds another job's results.json: Hydra saves ``.hydra/config.yaml`` there before
     the job starts, which would already replace the finished run's record of its config.
 
-    Registered in ``configs/hydra/default.yaml`` under ``hydra.callbacks``.
+    Registered in ``configs/hydra/default.yaml`` under ``hydra.callbacks``. An evaluation never
+    continues a run (``trainer.resume`` means nothing to it); ``train.yaml`` registers the
+    training guard instead, which lets an unfinished training run continue with the settings it
+    started with (``check_resume``).
     """
 
+    resumes = False
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._guard(Path(config.hydra.run.dir), config)
+        self._guard(Path(config.hydra.run.dir), config, "hydra.run.dir")
         _lock(Path(config.hydra.run.dir))  # before Hydra writes .hydra/ there
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         found = sorted(Path(config.hydra.sweep.dir).glob(f"*/{RESULTS_FILE}"))
         if found:
-            self._guard(found[0].parent, config)
+            self._guard(found[0].parent, config, "hydra.sweep.dir")
 
-    @staticmethod
-    def _guard(run_dir: Path, config: DictConfig) -> None:
-        trainer = config.get("trainer") or {}
-        _refuse_to_replace(run_dir, trainer.get("resume") is not None)
+    def _guard(self, run_dir: Path, config: DictConfig, directory_key: str) -> None:
+        resuming = self.resumes and (config.get("trainer") or {}).get("resume") is not None
+        _refuse_to_replace(run_dir, resuming, directory_key)
+        if resuming and (run_dir / RESULTS_FILE).exists():
+            try:
+                self.check_resume(run_dir, config)
+            except ValueError as err:
+                _refuse(err)
+
+    def check_resume(self, run_dir: Path, config: DictConfig) -> None:
+        """Raise ValueError, naming what differs, when ``config`` may not continue the
+        unfinished run recorded in ``run_dir``; runs before anything is written there."""
 
 
 class MultirunSummary(Callback):

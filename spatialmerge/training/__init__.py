@@ -19,7 +19,7 @@ from spatialmerge.training.data import (
     mixup_and_criterion,
     train_transform,
 )
-from spatialmerge.training.run import run_training, setup_device, shared_run_dir
+from spatialmerge.training.run import TrainingRecordGuard, run_training, setup_device, shared_run_dir
 from spatialmerge.training.trainer import (
     NonFiniteLossError,
     Trainer,
@@ -36,6 +36,7 @@ __all__ = [
     "Trainer",
     "TrainingCheckpointError",
     "TrainingInterrupted",
+    "TrainingRecordGuard",
     "UnreadableImages",
     "mixup_and_criterion",
     "newest_checkpoint",

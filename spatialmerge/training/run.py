@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import json
-
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -22,11 +21,14 @@ from torch import nn
 import spatialmerge
 from spatialmerge import distributed
 from spatialmerge.data.imagenet import eval_transform
+from spatialmerge.jobs import RecordGuard
 from spatialmerge.loggers import RunLogger
 from spatialmerge.pipeline import EvalContext, instantiate, resolve_merge, run_evaluators
+from spatialmerge.results import RESULTS_FILE
+from spatialmerge.training.checkpoint import TrainingCheckpointError
 from spatialmerge.training.config import TrainConfig
 from spatialmerge.training.data import train_transform
-from spatialmerge.training.trainer import IDENTITY_VERSION, IDENTITY_VERSION_KEY, Trainer
+from spatialmerge.training.trainer import IDENTITY_VERSION, IDENTITY_VERSION_KEY, Trainer, identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +73,61 @@ RESUMABLE_KEYS = (
 )
 
 
+def settings_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a training run computes with, from a resolved config (one just composed, or
+    the one a record holds): every trainer setting that changes the result and every model
+    option (an added +model.drop_path_rate changes what is trained, too), keyed by their path."""
+    identity = {f"trainer.{k}": v for k, v in config["trainer"].items() if k not in RESUMABLE_KEYS and k != "_target_"}
+    identity.update({f"model.{k}": v for k, v in config["model"].items() if k != "_target_"})
+    return identity
+
+
 def run_identity(cfg: DictConfig, merge: dict[str, Any] | None) -> dict[str, Any]:
     """What a training run computes: model, weights, merge, data and every trainer setting that
     changes the result. A resume with different values would record a config the run never used."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    identity = {f"trainer.{k}": v for k, v in trainer.items() if k not in RESUMABLE_KEYS and k != "_target_"}
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    # every model option (an added +model.drop_path_rate changes what is trained, too)
-    identity.update({f"model.{k}": v for k, v in model.items() if k != "_target_"})
+    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("trainer", "model")}
+    identity = settings_identity(settings)
     identity.update({
         "merge": merge,
         "dataset.root": cfg.dataset.get("root"),
         IDENTITY_VERSION_KEY: IDENTITY_VERSION,
     })
     return json.loads(json.dumps(identity, default=str))
+
+
+class TrainingRecordGuard(RecordGuard):
+    """The run-directory guard of ``train.py`` (registered by ``configs/train.yaml``): an
+    unfinished training run continues with ``trainer.resume`` when the settings it records are
+    the ones asked for, checked before Hydra rewrites the run's ``.hydra/`` and record. The
+    checkpoint's own identity is checked again when it is loaded (it also holds the resolved
+    merge and the global batch)."""
+
+    resumes = True
+
+    def check_resume(self, run_dir: Path, config: DictConfig) -> None:
+        recorded = json.loads((run_dir / RESULTS_FILE).read_text()).get("config") or {}
+        if not all(isinstance(recorded.get(key), dict) for key in ("trainer", "model")):
+            return  # a record without its config: the checkpoint's identity decides
+        asked = {key: OmegaConf.to_container(config[key], resolve=True) for key in ("trainer", "model", "merge")}
+        before = {**settings_identity(recorded), **_flat("merge", recorded.get("merge")),
+                  "dataset.root": (recorded.get("dataset") or {}).get("root")}
+        now = {**settings_identity(asked), **_flat("merge", asked["merge"]),
+               "dataset.root": config.dataset.get("root") if "dataset" in config else None}
+        before, now = json.loads(json.dumps(before, default=str)), json.loads(json.dumps(now, default=str))
+        # versioned on both sides: an option added on resume counts as a change
+        version = {IDENTITY_VERSION_KEY: IDENTITY_VERSION}
+        changed = identity_changes({**before, **version}, {**now, **version})
+        if changed:
+            raise TrainingCheckpointError(
+                run_dir / RESULTS_FILE,
+                f"it records a run with other settings ({'; '.join(changed)}); a resumed run must "
+                "compute what it started computing: resume with the run's own settings, or train in "
+                "a new run directory",
+            )
+
+
+def _flat(prefix: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in (options or {}).items()}
 
 
 def run_training(

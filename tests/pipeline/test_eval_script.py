@@ -90,6 +90,13 @@ def test_multirun_writes_one_results_file_per_job(tmp_path):
     starts = [json.loads(p.with_name("metrics.jsonl").read_text().splitlines()[0]) for p in results_files(tmp_path)]
     (group,) = {start["group"] for start in starts}
     assert re.fullmatch(r"eval: merge \(\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\)", group), group
+    # the same sweep again into its directory: refused, naming the setting that chose it
+    sweep_dir = results_files(tmp_path)[0].parent.parent
+    before = {path: path.read_bytes() for path in sweep_dir.rglob("*") if path.is_file()}
+    again = run_eval(["-m", "merge=cubist,tome", *TINY_SAM, "logger=jsonl", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert again.returncode == 1 and "already records another run" in again.stderr
+    assert "leave hydra.sweep.dir unset for a fresh timestamped one" in again.stderr
+    assert {path: path.read_bytes() for path in sweep_dir.rglob("*") if path.is_file()} == before
 
 
 def test_missing_checkpoint_is_one_clear_message_and_nonzero_exit(tmp_path):
@@ -157,7 +164,7 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     assert not (run_dir / ".hydra").exists(), "Hydra wrote its config into the finished run"
     # the resume a training run takes does not open an evaluation's record either
     resumed = run_eval([*TINY_SAM, f"hydra.run.dir={run_dir}", "+trainer.resume=auto"], tmp_path)
-    assert resumed.returncode == 1 and "records a run without training checkpoints" in resumed.stderr
+    assert resumed.returncode == 1 and "already records another run" in resumed.stderr
     assert (run_dir / "results.json").read_text() == before and not (run_dir / ".hydra").exists()
 
 

@@ -3,10 +3,13 @@ and a diverging loss stop with a message naming the problem."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from train_helpers import CUBIST, QUIET, TINY_MODEL, compose_train, tiny_train_config, write_colour_folder
 
@@ -14,6 +17,7 @@ from spatialmerge.training import (
     NonFiniteLossError,
     TrainingCheckpointError,
     TrainingInterrupted,
+    TrainingRecordGuard,
     newest_checkpoint,
     run_training,
 )
@@ -124,6 +128,31 @@ def test_resuming_with_another_merge_lr_or_seed_is_refused(colour_imagenet, tmp_
     # a model option added on resume changes what is trained too
     with pytest.raises(TrainingCheckpointError, match=r"model.drop_path_rate '<unset>' -> 0.5"):
         train(colour_imagenet, tmp_path, "trainer.max_steps=2", "+model.drop_path_rate=0.5", "trainer.resume=auto")
+
+
+@pytest.mark.parametrize(
+    ("override", "change"),
+    [
+        ("trainer.lr=0.1", "trainer.lr 0.064 -> 0.1"),
+        ("merge.reduce=mean", "merge.reduce 'maxmag' -> 'mean'"),
+        ("+model.drop_path_rate=0.5", "model.drop_path_rate '<unset>' -> 0.5"),
+        ("dataset.root=/elsewhere", "dataset.root"),
+    ],
+)
+def test_train_py_refuses_a_resume_with_other_settings_before_writing(tmp_path, override, change):
+    """The training guard compares the recorded config with the asked one before Hydra writes."""
+    asked = tiny_train_config(tmp_path / "data", tmp_path, *RECIPE, "trainer.resume=auto")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"status": "interrupted", "config": OmegaConf.to_container(asked, resolve=True)}
+    (run_dir / "results.json").write_text(json.dumps(record))
+    TrainingRecordGuard().check_resume(run_dir, asked)  # the same settings continue
+    TrainingRecordGuard().check_resume(run_dir, tiny_train_config(
+        tmp_path / "data", tmp_path, *RECIPE, "trainer.resume=auto", "trainer.num_workers=3", "trainer.progress=true"
+    ))  # how it runs may change
+    other = tiny_train_config(tmp_path / "data", tmp_path, *RECIPE, "trainer.resume=auto", override)
+    with pytest.raises(TrainingCheckpointError, match=rf"records a run with other settings \({re.escape(change)}"):
+        TrainingRecordGuard().check_resume(run_dir, other)
 
 
 def test_identities_compare_every_key_and_older_ones_the_keys_both_have():

@@ -4,11 +4,14 @@ place through Hydra's run directory, and a diverging run."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import CUBIST, QUIET, TINY_MODEL, run_train_script
+from train_helpers import CUBIST, QUIET, ROOT, TINY_MODEL, run_train_script
 
 pytestmark = pytest.mark.slow  # subprocess runs / real weights: outside the fast tier
 
@@ -99,6 +102,21 @@ def test_a_run_killed_mid_epoch_resumes_in_place_to_the_same_weights(
     killed = run_train_script([*args, "trainer.stop_after_steps=3"], tmp_path)
     assert killed.returncode == 1 and "stopped after step 3" in killed.stderr
     assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
+
+    # refused attempts leave the unfinished run's files as they were, byte for byte
+    files = {path: path.read_bytes() for path in [run_dir / "results.json", *(run_dir / ".hydra").iterdir()]}
+    changed = run_train_script([*args, "+model.drop_path_rate=0.5", "trainer.resume=auto"], tmp_path)
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "records a run with other settings (model.drop_path_rate '<unset>' -> 0.5)" in changed.stderr
+    evaluation = subprocess.run(
+        [sys.executable, "eval.py", f"paths.root_dir={tmp_path}", "logger=none", "+trainer.resume=auto",
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert evaluation.returncode == 1 and "already records another run" in evaluation.stderr
+    assert "continue that unfinished training run with train.py" in evaluation.stderr
+    assert {path: path.read_bytes() for path in files} == files
 
     resumed = run_train_script([*args, "trainer.resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
