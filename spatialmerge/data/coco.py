@@ -7,7 +7,8 @@ Layout (COCO 2017 as distributed by cocodataset.org, both zips unpacked into one
 
 Crowd annotations and annotations whose mask is empty are skipped; images left with no instance
 are skipped. Annotations that cannot be evaluated (no or empty segmentation, a polygon of fewer
-than 3 points or reaching outside its image, an RLE of another size, a box of zero or negative
+than 3 points or reaching outside its image, an RLE of another size or whose run lengths do not
+cover its image, a box of zero or negative
 size, not finite or outside the image, an image id with no image, a second annotation with an
 id already seen) are skipped too,
 counted in ``CocoInstances.skipped`` and warned about; a truncated annotation file is an error
@@ -111,11 +112,44 @@ def _annotation_problem(ann: Any, images: Mapping[Any, Mapping[str, Any]]) -> st
             return "an RLE without 'counts' and a [height, width] 'size'"
         if list(size) != [height, width]:
             return f"an RLE of size {size} on a {height}x{width} image"
-        if isinstance(counts, list) and sum(v for v in counts if isinstance(v, int)) != height * width:
-            return f"an uncompressed RLE whose counts do not cover the {height}x{width} image"
+        runs = rle_counts(counts) if isinstance(counts, str) else counts
+        kind = "a compressed" if isinstance(counts, str) else "an uncompressed"
+        if runs is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in runs):
+            return f"{kind} RLE whose counts are not run lengths (whole numbers >= 0)"
+        if sum(runs) != height * width:
+            # pycocotools would decode whatever memory follows the runs as mask pixels
+            return f"{kind} RLE whose counts cover {sum(runs)} pixels, not the {height}x{width} image"
     else:
         return f"segmentation of type {type(segmentation).__name__} (expected polygons or RLE)"
     return None
+
+
+def rle_counts(compressed: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (the format of pycocotools' maskApi.c
+    ``rleToString``: each count in 5-bit groups offset by 48, a continuation bit, a sign bit in
+    the last group, counts after the second stored as the difference to the count two before),
+    or None for a string that is not one. pycocotools decodes such a string without checking
+    it, so an annotation is checked with this before it is decoded."""
+    counts: list[int] = []
+    position = 0
+    while position < len(compressed):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(compressed):
+                return None  # a count cut off mid-way
+            group = ord(compressed[position]) - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            shift += 5
+            position += 1
+            if not more and group & 0x10:
+                value |= -1 << shift  # negative: sign-extend
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 # How far (pixels) a polygon or box may reach past the image: COCO's own coordinates overshoot

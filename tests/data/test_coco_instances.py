@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
 from spatialmerge.data import CocoInstances, DatasetLayoutError, collate_list, mask_interior_point
+from spatialmerge.data.coco import rle_counts
 from tests.synthetic import write_synthetic_coco
 
 
@@ -205,6 +207,59 @@ def test_an_annotation_that_cannot_be_evaluated_is_skipped_counted_and_named(
     kept = sum(len(r.ann_ids) for r in dataset.records)
     assert kept == sum(len(r.ann_ids) for r in before.records) - 1
     assert all(victim["id"] not in r.ann_ids for r in dataset.records)
+
+
+def _rle_of_its_image(case: str, height: int, width: int) -> dict:
+    """An RLE of the right size whose runs are wrong in the way ``case`` names."""
+    counts = {
+        "small": mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))["counts"].decode(),  # 100 px
+        "garbage": "!!!garbage~~~",
+        "cut off": "0T",  # the second count's continuation never ends
+        "negative": [-5, height * width + 5],
+        "short": [3, 4],
+    }[case]
+    return {"size": [height, width], "counts": counts}
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("small", r"a compressed RLE whose counts cover 100 pixels, not the \d+x\d+ image"),
+        ("garbage", "a compressed RLE whose counts are not run lengths"),
+        ("cut off", "a compressed RLE whose counts are not run lengths"),
+        ("negative", "an uncompressed RLE whose counts are not run lengths"),
+        ("short", r"an uncompressed RLE whose counts cover 7 pixels, not the \d+x\d+ image"),
+    ],
+)
+def test_an_rle_whose_runs_do_not_cover_its_image_is_skipped_not_decoded(tmp_path: Path, case: str, reason: str) -> None:
+    # pycocotools decodes such runs into whatever memory follows them (a 10x10 square's runs on a
+    # 40x56 image scored +11 points of mIoU) or fails deep in an evaluation, naming nothing
+    write_synthetic_coco(str(tmp_path))
+    path = _annotations(tmp_path)
+    data = json.loads(path.read_text())
+    victim = next(a for a in data["annotations"] if not a.get("iscrowd"))
+    image = next(i for i in data["images"] if i["id"] == victim["image_id"])
+    victim["segmentation"] = _rle_of_its_image(case, image["height"], image["width"])
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=f"skipped 1 annotation.*annotation {victim['id']}: {reason}"):
+        dataset = CocoInstances(str(tmp_path))
+    assert set(dataset.skipped) == {victim["id"]}
+    for index in range(len(dataset)):
+        assert dataset[index]["masks"].dtype == bool  # every kept RLE decodes
+
+
+def test_compressed_rle_counts_are_the_run_lengths_pycocotools_encodes() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        flat = mask.flatten(order="F")  # COCO runs go down the columns, starting with background
+        edges = np.flatnonzero(np.diff(flat)) + 1
+        runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+        runs = ([0] + runs) if flat[0] else runs
+        encoded = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+        assert rle_counts(encoded) == runs
+    assert rle_counts("") == [] and rle_counts("0T") is None and rle_counts("~") is None
 
 
 def test_a_duplicate_annotation_id_is_skipped_not_silently_replaced(tmp_path: Path) -> None:
