@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import optuna
 import torch
@@ -130,20 +130,35 @@ SETUP_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def quality_of(metrics: Mapping[str, Any], key: str | None = None) -> tuple[str, float]:
+def quality_of(
+    metrics: Mapping[str, Any], key: str | None = None, qualities: Collection[str] | None = None
+) -> tuple[str, float]:
     """(key, value) of the quality a trial is judged by: ``key`` (``evaluator/metric``), or the
-    first of ``QUALITY_KEYS`` the metrics hold."""
+    first of ``QUALITY_KEYS`` the metrics hold. ``qualities`` (``evaluator/metric`` names, see
+    ``search_qualities``) are what the error offers instead; None offers every number."""
     for candidate in [key] if key else QUALITY_KEYS:
         evaluator, _, name = candidate.partition("/")
         value = metrics.get(evaluator, {}).get(name)
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return candidate, float(value)
-    offered = sorted(f"{e}/{k}" for e, v in metrics.items() if isinstance(v, dict) for k in v)
-    raise QualityMissingError(
-        f"no quality {key or ' / '.join(QUALITY_KEYS)} in the trial's metrics; the configured "
-        f"evaluators report {', '.join(offered) or 'nothing'}: add evaluator=features (fidelity) "
-        "or name one of those with --quality"
+    offered = sorted(
+        f"{e}/{k}" for e, v in metrics.items() if isinstance(v, dict) for k, x in v.items()
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and (qualities is None or f"{e}/{k}" in qualities)
     )
+    fix = ("name one of those with --quality" if offered else
+           "add an evaluator that measures quality, e.g. evaluator=features (fidelity + throughput)")
+    raise QualityMissingError(
+        f"no quality {key or ' / '.join(QUALITY_KEYS)} in the trial's metrics; on this model the "
+        f"evaluators report {', '.join(offered) or 'no quality'}: {fix}"
+    )
+
+
+def search_qualities(evaluators: Mapping[str, Any]) -> set[str]:
+    """``evaluator/metric`` of every quality the evaluators (name -> evaluator) may report."""
+    return {
+        f"{name}/{quality}" for name, evaluator in evaluators.items()
+        if hasattr(evaluator, "qualities") for quality in evaluator.qualities()
+    }
 
 
 def check_quality(key: str | None, evaluators: Mapping[str, Any]) -> None:
@@ -165,11 +180,12 @@ def check_quality(key: str | None, evaluators: Mapping[str, Any]) -> None:
             f"throughput ({', '.join(quality_evaluators) or 'none configured'}), e.g. "
             f"{next((k for k in QUALITY_KEYS if k.partition('/')[0] in evaluators), 'fidelity/feature_cosine')}"
         )
-    declared = getattr(evaluators[evaluator], "metric_names", None)  # a user's evaluator may not say
+    declared = getattr(evaluators[evaluator], "qualities", None)  # a user's evaluator may not say
     names = declared() if declared is not None else (metric,)
     if metric not in names:
         raise ValueError(
-            f"--quality {key}: the {evaluator} evaluator reports no {metric!r}; it reports "
+            f"--quality {key}: {metric!r} is no quality the {evaluator} evaluator reports (a count, the "
+            f"unmerged model's own number or lower-is-better is none); its qualities are "
             f"{', '.join(f'{evaluator}/{n}' for n in names)}"
         )
 
@@ -263,6 +279,7 @@ class ScheduleSearch:
         self.directory = Path(directory)
         self.space = space
         self.quality = quality
+        self.qualities = search_qualities(evaluators)
         self.setup_error: ValueError | None = None
         self.setup = {
             "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -358,7 +375,7 @@ class ScheduleSearch:
         metrics: dict[str, Any] = {}
         try:
             metrics = run_evaluators(cfg, ctx)
-            key, quality = quality_of(metrics, self.quality)
+            key, quality = quality_of(metrics, self.quality, self.qualities)
         except KeyboardInterrupt:
             reason = "interrupted by the user (Ctrl-C)"
             record(run_dir, cfg, {"merge": merge, "schedule": schedule, "metrics": metrics, "notes": []},

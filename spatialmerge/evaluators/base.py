@@ -37,9 +37,10 @@ class DatasetEvaluator:
         self.num_workers = num_workers
         self.progress = progress
 
-    def metric_names(self) -> tuple[str, ...]:
-        """Every number this evaluator may report (with a merge, on some backbone), so that a
-        metric asked for by name (the search's ``--quality``) is checked before any work."""
+    def qualities(self) -> tuple[str, ...]:
+        """The numbers this evaluator may report (with a merge, on some backbone) that grow with
+        quality: what a search may maximise (``--quality``), checked before any work. Counts
+        (``images``), the unmerged model's own numbers and lower-is-better ones are not."""
         raise NotImplementedError
 
     def image_count(self, available: int) -> int:

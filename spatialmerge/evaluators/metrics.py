@@ -286,11 +286,6 @@ def segment_agreement(unmerged: Tensor, merged: Tensor, k: int = 6) -> Tensor:
     return torch.stack(scores)
 
 
-def baseline_names(keys: Sequence[str]) -> list[str]:
-    """The names ``beside_baseline`` adds for ``keys``: ``unmerged_<key>`` and ``delta_<key>``."""
-    return [f"{prefix}{key}" for key in keys for prefix in ("unmerged_", "delta_")]
-
-
 def beside_baseline(
     merged: Mapping[str, Any], unmerged: Mapping[str, Any], keys: Sequence[str]
 ) -> dict[str, Any]:

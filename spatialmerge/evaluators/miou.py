@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from spatialmerge.data.coco import PROMPTS, CocoInstances, Prompt, collate_list
 from spatialmerge.distributed import all_reduce_sum, shard_indices
 from spatialmerge.evaluators.base import DatasetEvaluator
-from spatialmerge.evaluators.metrics import MeanIoU, baseline_names, beside_baseline, mask_iou
+from spatialmerge.evaluators.metrics import MeanIoU, beside_baseline, mask_iou
 from spatialmerge.evaluators.prompting import PromptPredictor
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ class MIoUEvaluator(DatasetEvaluator):
         self.prompt = prompt
         self.baseline = baseline
 
-    def metric_names(self) -> tuple[str, ...]:
-        names = ("miou", "miou_per_image", "instances", "images", "skipped_annotations")
-        return names + (tuple(baseline_names(("miou", "miou_per_image"))) if self.baseline else ())
+    def qualities(self) -> tuple[str, ...]:
+        names = ("miou", "miou_per_image")
+        return names + (tuple(f"delta_{name}" for name in names) if self.baseline else ())
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         """The pipeline's entry point: the merged model on the configured dataset, and with

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from spatialmerge.adapters import find_adapter
 from spatialmerge.distributed import all_reduce_sum, shard_indices
 from spatialmerge.evaluators.base import DatasetEvaluator
-from spatialmerge.evaluators.metrics import Accuracy, baseline_names, beside_baseline, check_finite
+from spatialmerge.evaluators.metrics import Accuracy, beside_baseline, check_finite
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -55,9 +55,9 @@ class Top1Evaluator(DatasetEvaluator):
         self.ks = tuple(ks)
         self.baseline = baseline
 
-    def metric_names(self) -> tuple[str, ...]:
+    def qualities(self) -> tuple[str, ...]:
         tops = tuple(f"top{k}" for k in self.ks)
-        return ("images", *tops) + (tuple(baseline_names(tops)) if self.baseline else ())
+        return tops + (tuple(f"delta_{top}" for top in tops) if self.baseline else ())
 
     def run(self, ctx: EvalContext) -> dict[str, Any]:
         """The pipeline's entry point: the merged model on the configured dataset, read with the

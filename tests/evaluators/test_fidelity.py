@@ -155,7 +155,8 @@ def test_a_real_merge_scores_what_a_hand_comparison_of_the_two_models_gives(
     evaluator = FidelityEvaluator(max_images=2, batch_size=2, num_workers=0, progress=False)
     result = evaluator.evaluate(model, REAL_MERGE, dataset)
     assert result["kind"] == kind and result["images"] == 2
-    assert set(result) - {"kind"} <= set(evaluator.metric_names()), "a --quality check would refuse a real metric"
+    # what a search's --quality is checked against: every number but the count and the KL divergence
+    assert set(result) - {"kind", "images", "kl"} <= set(evaluator.qualities()), "a real quality would be refused"
     expected = by_hand(model, dataset, kind, 2)
     # rel 1e-4: a batched mask decoder can flip a pixel at the threshold that a one-prompt call does not
     assert {k: v for k, v in result.items() if k not in ("kind", "images")} == pytest.approx(expected, rel=1e-4, abs=1e-4)
@@ -175,7 +176,7 @@ def test_samvit_neck_features_are_compared_per_position(image_root: Path) -> Non
     evaluator = FidelityEvaluator(batch_size=3, num_workers=0, progress=False)
     same = evaluator.evaluate(samvit, ZERO_MERGE, tensors(image_root))
     merged = evaluator.evaluate(samvit, REAL_MERGE, tensors(image_root))
-    assert set(merged) - {"kind"} <= set(evaluator.metric_names())
+    assert set(merged) - {"kind", "images"} <= set(evaluator.qualities())
     assert same["feature_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert same["pooled_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert merged["feature_cosine"] < 0.9999

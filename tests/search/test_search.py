@@ -230,12 +230,14 @@ def test_a_quality_no_configured_evaluator_reports_is_refused_before_the_first_t
     assert not (tmp_path / "study" / "trials").exists()
 
 
-def test_a_metric_the_evaluator_never_reports_is_refused_before_the_first_trial(tmp_path):
-    done = search(tmp_path / "study", "--trials", "3", "--quality", "fidelity/nonsense")
+@pytest.mark.parametrize("metric", ["nonsense", "images", "kind", "kl"])
+def test_a_metric_that_is_no_quality_of_the_evaluator_is_refused_before_the_first_trial(tmp_path, metric):
+    # a typo, a count (the search would maximise the constant image count), a label, a divergence
+    done = search(tmp_path / "study", "--trials", "3", "--quality", f"fidelity/{metric}")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert "--quality fidelity/nonsense: the fidelity evaluator reports no 'nonsense'" in line
-    assert "fidelity/feature_cosine" in line, "the metrics it does report are named"
+    assert f"--quality fidelity/{metric}: '{metric}' is no quality the fidelity evaluator reports" in line
+    assert "fidelity/feature_cosine" in line, "the qualities it does report are named"
     assert not (tmp_path / "study").exists()
 
 
@@ -243,8 +245,10 @@ def test_a_metric_of_another_backbone_kind_stops_the_search_after_one_trial(tmp_
     # mask_iou is fidelity's number for SAM; this DeiT reports features: known after one trial
     done = search(tmp_path / "study", "--trials", "3", "--quality", "fidelity/mask_iou")
     assert done.returncode == 1
-    assert "no quality fidelity/mask_iou in the trial's metrics" in done.stderr
-    assert "fidelity/feature_cosine" in done.stderr, "the metrics it does report are named"
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert ("no quality fidelity/mask_iou in the trial's metrics; on this model the evaluators report "
+            "fidelity/cls_cosine, fidelity/feature_cosine, fidelity/segment_agreement: name one of those with "
+            "--quality") in line
     records = sorted((tmp_path / "study" / "trials").glob("*/results.json"))
     assert len(records) == 1, "no second trial is spent on a setting every trial fails"
     record = json.loads(records[0].read_text())
@@ -255,8 +259,14 @@ def test_the_quality_is_the_asked_metric_or_a_clear_error():
     metrics = {"fidelity": {"feature_cosine": 0.9, "cls_cosine": 0.8}, "throughput": {}}
     assert quality_of(metrics) == ("fidelity/feature_cosine", 0.9)
     assert quality_of(metrics, "fidelity/cls_cosine") == ("fidelity/cls_cosine", 0.8)
-    with pytest.raises(ValueError, match="report fidelity/cls_cosine, fidelity/feature_cosine"):
+    with pytest.raises(ValueError, match="report fidelity/cls_cosine, fidelity/feature_cosine: name one"):
         quality_of(metrics, "miou/miou")
+    # only the qualities are offered, not the count, the label or the seconds beside them
+    metrics["fidelity"].update(kind="features", images=12, seconds=3.5)
+    with pytest.raises(ValueError, match=r"report fidelity/cls_cosine, fidelity/feature_cosine: name one"):
+        quality_of(metrics, "fidelity/mask_iou", {"fidelity/cls_cosine", "fidelity/feature_cosine", "fidelity/mask_iou"})
+    with pytest.raises(ValueError, match=r"report no quality: add an evaluator that measures quality"):
+        quality_of({"throughput": {"seconds": 2.0}}, None, set())
     with pytest.raises(ValueError, match="0 < min < max < 0.5"):
         SearchSpace(min_ratio=0.3, max_ratio=0.2)
 
