@@ -103,15 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                 logger.log({"search/speedup": entry["speedup"], "search/quality": entry["quality"]}, step=entry["number"])
 
         search.run(args.trials, on_trial=report_trial)
-    except (HydraException, *USER_ERRORS) as err:
+    except BaseException as err:
+        if _interrupted(err):  # Ctrl-C, also when it cut an Optuna commit short
+            return _report_interrupted(search)
+        if not isinstance(err, (HydraException, *USER_ERRORS)):
+            raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        last = search.study.trials[-1].number if search is not None and search.study.trials else None
-        which = f"trial {last} recorded as interrupted" if last is not None else "no trial had started"
-        print(f"interrupted: {which}; the same command (with --dir {search.directory if search else '...'}) "
-              "continues the study", file=sys.stderr)
-        return 130
     result = search.result(args.target_speedup)
     if args.target_speedup is not None:
         print(f"re-measuring the front points near {args.target_speedup}x before choosing ...", flush=True)
@@ -155,6 +153,27 @@ def main(argv: list[str] | None = None) -> int:
         logger.finish("ok")
     print("wrote " + ", ".join(str(p) for p in outputs.values()))
     return 0
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is what a Ctrl-C left behind: one that landed inside Optuna's storage
+    commit surfaces as the error of the code it cut short, with the KeyboardInterrupt as its
+    context."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _report_interrupted(search: ScheduleSearch | None) -> int:
+    last = search.study.trials[-1].number if search is not None and search.study.trials else None
+    which = f"trial {last} recorded as interrupted" if last is not None else "no trial had started"
+    print(f"interrupted: {which}; the same command (with --dir {search.directory if search else '...'}) "
+          "continues the study", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

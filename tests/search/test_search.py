@@ -170,6 +170,21 @@ def test_ctrl_c_records_the_running_trial_as_interrupted_in_one_line(tmp_path):
     assert last.state == optuna.trial.TrialState.FAIL
 
 
+def test_ctrl_c_inside_an_optuna_commit_is_still_one_interrupted_line(tmp_path, monkeypatch):
+    # a SIGINT landing in optuna's storage code surfaces as that code's own error (seen:
+    # UnboundLocalError 'updated_state'), with the KeyboardInterrupt as its context
+    def cut_short(self, trials, on_trial=None):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise UnboundLocalError("cannot access local variable 'updated_state'") from None
+
+    monkeypatch.setattr(SCRIPT.ScheduleSearch, "run", cut_short)
+    done = search(tmp_path / "study", "--trials", "2")
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("interrupted: no trial had started; the same command")
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path):
     directory = tmp_path / "study"
     assert search(directory, "--trials", "1").returncode == 0
