@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spatialmerge.reporting import build_rows, collect_results, plot_pareto, write_report  # noqa: E402
 from spatialmerge.reporting.publish import log_report, sweep_group, wandb_config  # noqa: E402
+from spatialmerge.reporting.table import check_report_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
               "choose a directory", file=sys.stderr)
         return 1
     try:
+        check_report_dir(out, args.dirs)
         results = collect_results(args.dirs)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not results:

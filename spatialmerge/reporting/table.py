@@ -102,6 +102,41 @@ RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+# The numbers of a timing row the report reads; a row holds lists and texts beside them.
+TIMING_NUMBERS = (
+    "tokens", "gflops", "img_s", "ms_per_batch", "ms_q1", "ms_q3", "speedup", "speedup_q1", "speedup_q3",
+    "flop_speedup",
+)
+# Texts a record's metrics hold beside their numbers: fidelity's output kind, a training run's
+# final checkpoint.
+METRIC_TEXTS = ("kind", "checkpoint")
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _metrics_problems(metrics: Mapping[str, Any]) -> list[str]:
+    """What in a record's metrics is not of the type a run writes, each as ``'metrics.x.y' is a
+    str``: a report reading it would show a blank cell as if nothing were measured, or crash."""
+    problems = []
+    for evaluator, values in metrics.items():
+        if not isinstance(values, dict):
+            problems.append(f"'metrics.{evaluator}' is a {type(values).__name__}")
+            continue
+        for key, value in values.items():
+            where = f"metrics.{evaluator}.{key}"
+            if evaluator == "throughput" and key not in ("setup", "seconds"):  # a timing row
+                if not isinstance(value, dict):
+                    problems.append(f"'{where}' is a {type(value).__name__}")
+                    continue
+                problems += [f"'{where}.{k}' is a {type(value[k]).__name__}"
+                             for k in TIMING_NUMBERS if not _is_number(value.get(k))]
+            elif isinstance(value, str) and key not in METRIC_TEXTS:
+                problems.append(f"'{where}' is a str")
+    return problems
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESULTS_FILE
     if path.exists():
@@ -117,6 +152,7 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             }
         wrong = [f"{key!r} is a {type(payload[key]).__name__}" for key, kinds in RECORD_FIELDS.items()
                  if key in payload and not isinstance(payload[key], kinds)]
+        wrong = wrong or _metrics_problems(payload.get("metrics") or {})
         if wrong:
             return {"status": "failed", "error": f"unreadable {path}: {', '.join(wrong)}, not what a run records",
                     "config": payload["config"] if isinstance(payload.get("config"), dict) else {}}
@@ -449,6 +485,24 @@ def _sources_text(sources: Sequence[Path | str]) -> str:
     return f"{', '.join(names[:2])}, ... ({len(names)} directories, the last {names[-1]})"
 
 
+_SOURCE_LINE = "Source: "
+
+
+def check_report_dir(out_dir: Path, sources: Sequence[Path | str]) -> None:
+    """Refuse to write the report of ``sources`` into ``out_dir`` when it holds the report of
+    other sources: a report is replaced only by one of the same runs (rerun as they finish)."""
+    existing = Path(out_dir) / "report.md"
+    if not existing.is_file():
+        return
+    line = next((l for l in existing.read_text(errors="replace").splitlines() if l.startswith(_SOURCE_LINE)), None)
+    previous = None if line is None else line[len(_SOURCE_LINE):].strip()
+    if previous != _sources_text(sources):
+        raise FileExistsError(
+            f"{out_dir} holds the report of {previous or 'other runs'}; a report never replaces another's: "
+            f"choose another --out, or remove {existing} to replace it"
+        )
+
+
 def write_report(
     rows: Sequence[Mapping[str, Any]], out_dir: Path, sources: Sequence[Path | str], plot: str | None = None
 ) -> tuple[Path, Path]:
@@ -460,7 +514,7 @@ def write_report(
     lines = [
         "# Sweep report",
         "",
-        f"Source: {_sources_text(sources)}  ",
+        f"{_SOURCE_LINE}{_sources_text(sources)}  ",
         f"{len(rows)} rows, {len(failed)} not ok. {describe_setup(rows)}.",
         "",
         "speed-up is the median of per-round ratios against the unmerged model timed "

@@ -293,6 +293,39 @@ def test_a_results_file_holding_a_list_is_an_unreadable_row(tmp_path):
     assert any(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda m: m["miou"].update(miou="60.0"), "'metrics.miou.miou' is a str"),
+        (lambda m: m.update(throughput="fast"), "'metrics.throughput' is a str"),
+        (lambda m: m["throughput"]["cubist"].update(speedup="fast"), "'metrics.throughput.cubist.speedup' is a str"),
+        (lambda m: m["throughput"].update(cubist=[1.2]), "'metrics.throughput.cubist' is a list"),
+        (lambda m: m.update(miou=[60.0]), "'metrics.miou' is a list"),
+    ],
+)
+def test_a_metric_of_the_wrong_type_is_a_failed_row_naming_it(tmp_path, damage, named):
+    # a quality written as text used to be an ok row with a blank cell; a timing row as text, a crash
+    root = tmp_path / "sweep"
+    payload = result("cubist", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3)
+    damage(payload["metrics"])
+    write(root, "0", payload)
+    write(root, "1", result("cubist", miou=61.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3))
+    rows = build_rows(collect_results(root))
+    (bad,) = [r for r in rows if r["status"] == "failed"]
+    assert named in bad["error"] and str(root / "0" / "results.json") in bad["error"]
+    assert sum(r["status"] == "ok" for r in rows) >= 1
+
+
+def test_the_texts_a_run_writes_among_its_metrics_are_not_problems(tmp_path):
+    root = tmp_path / "run"
+    payload = result("cubist", miou=60.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3)
+    payload["metrics"].update(fidelity={"kind": "features", "feature_cosine": 0.99},
+                              train={"checkpoint": "/x/step_00000004.pt", "loss": 1.0, "skipped_files": []})
+    write(root, "0", payload)
+    (row,) = [r for r in build_rows(collect_results(root)) if r["method"] == "cubist"]
+    assert row["status"] == "ok"
+
+
 def _pivot_row(method, schedule, speedup, value):
     return {"status": "ok", "group": "g", "method": method, "schedule": schedule, "speedup": speedup, "value": value,
             "run": schedule}
@@ -376,3 +409,11 @@ def test_wrong_typed_records_and_corrupt_saved_configs_are_failed_rows_naming_th
     assert report_cli([str(root), "--out", str(tmp_path / "taken.md")]) == 1
     assert "is a file; the report is a directory" in capsys.readouterr().err
     assert (tmp_path / "taken.md").read_text() == "mine"
+    # the report of the same runs is brought up to date; another's is never replaced
+    other = tmp_path / "other"
+    write(other, "0", result("pool", miou=50.0, merged=speed(12.0, 350.0, 3136, 1.2, 1.1), loc=3))
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert report_cli([str(other), "--out", str(tmp_path / "r")]) == 1
+    assert f"{tmp_path / 'r'} holds the report of {root}; a report never replaces another's" in capsys.readouterr().err
+    assert (tmp_path / "r" / "report.md").read_text() == report
+    assert report_cli([str(root), "--out", str(tmp_path / "r")]) == 0
