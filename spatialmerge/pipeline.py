@@ -150,10 +150,14 @@ def run_evaluators(
     ``into`` collects the metrics as they finish, so a caller keeps what was measured before an
     evaluator failed."""
     metrics: dict[str, Any] = {} if into is None else into
-    for name, evaluator_cfg in dict(cfg.evaluator).items():
-        if name == "throughput" and (not timing or not distributed.is_main()):
-            continue
-        evaluator = instantiate(evaluator_cfg)
+    evaluators = {
+        name: instantiate(evaluator_cfg) for name, evaluator_cfg in dict(cfg.evaluator).items()
+        if not (name == "throughput" and (not timing or not distributed.is_main()))
+    }
+    for evaluator in evaluators.values():  # settings that cannot run on this model, before any evaluator runs
+        if hasattr(evaluator, "check"):
+            evaluator.check(ctx.unmerged_model())
+    for name, evaluator in evaluators.items():
         log.info("running evaluator %s%s", name, suffix)
         start = time.perf_counter()
         metrics[name + suffix] = evaluator.run(ctx)

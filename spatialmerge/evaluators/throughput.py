@@ -183,16 +183,7 @@ class ThroughputEvaluator:
             spatialmerge.patch(merged, **dict(options))
             variants.append(Variant(name, adapter.timed_module(merged), []))
         probe = make_input()
-        own = adapter.input_size(model)[1]
-        if self.image_size is not None and self.image_size != own:
-            try:  # before any timing: a model built for one size may refuse another
-                count_flops(variants[0].module, probe)
-            except (AssertionError, RuntimeError, ValueError) as err:
-                raise ValueError(
-                    f"evaluator.throughput.image_size={self.image_size}: the model runs at {own} px "
-                    f"({' '.join(str(err).split())[:160]}); drop evaluator.throughput.image_size, or build "
-                    f"the model at that size with model.image_size={self.image_size}"
-                ) from None
+        self.check(model)
         for variant in variants:
             variant.flops = count_flops(variant.module, probe)
         unmerged_tokens = self._unmerged_tokens(variants, probe)
@@ -207,6 +198,40 @@ class ThroughputEvaluator:
         load_before = machine_load()
         time_variants(variants, make_input, self.warmup, self.iters, device, autocast, self.progress)
         return self._summarise(variants, device, {"before": load_before, "after": machine_load()})
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse an ``image_size`` the model cannot run, before any evaluator spends time: one
+        that its patches do not tile, or that a model built for another size refuses (tried on
+        one image, only when the size differs from the model's own)."""
+        if self.image_size is None:
+            return
+        adapter = find_adapter(model)
+        channels, own, _ = adapter.input_size(model)
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"evaluator.throughput.image_size={size!r} must be a whole number of pixels, "
+                             f"e.g. the model's own {own}")
+        if size == own:
+            return
+        stride = max(1, own // adapter.grid_size(adapter.target(model))[0])
+        if size % stride:
+            low, high = max(stride, size // stride * stride), (size // stride + 1) * stride
+            raise ValueError(
+                f"evaluator.throughput.image_size={size} is not a multiple of the model's {stride}-px "
+                f"patches; the nearest sizes are {low} and {high}, or drop it for the model's own {own}"
+            )
+        was_training = model.training
+        try:  # a model built for one size may refuse another
+            with torch.no_grad():
+                adapter.timed_module(model.eval())(torch.zeros(1, channels, size, size, device=_device_of(model)))
+        except (AssertionError, RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"evaluator.throughput.image_size={size}: the model runs at {own} px "
+                f"({' '.join(str(err).split())[:160]}); drop evaluator.throughput.image_size, or build "
+                f"the model at that size with model.image_size={size}"
+            ) from None
+        finally:
+            model.train(was_training)
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
         """Pipeline entry: the unmerged model against the configured merge."""
@@ -257,3 +282,8 @@ class ThroughputEvaluator:
             "load": load,
         }
         return results
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device

@@ -225,3 +225,44 @@ def test_a_timing_size_the_model_cannot_run_is_refused_before_any_round():
     with pytest.raises(ValueError, match=r"evaluator.throughput.image_size=96: the model runs at 64 px .* "
                                          r"model.image_size=96"):
         evaluator.evaluate(model, {"cubist": {"method": "cubist", "loc": 0, "r_h": 1, "r_w": 1}})
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        (100, r"evaluator.throughput.image_size=100 is not a multiple of the model's 16-px patches; the "
+              r"nearest sizes are 96 and 112, or drop it for the model's own 64"),
+        (0, r"evaluator.throughput.image_size=0 must be a whole number of pixels, e.g. the model's own 64"),
+        (True, r"evaluator.throughput.image_size=True must be a whole number"),
+        (63.5, r"evaluator.throughput.image_size=63.5 must be a whole number"),
+    ],
+)
+def test_a_timing_size_no_model_could_run_is_refused_naming_a_size_that_can(size, message):
+    import timm
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=1).eval()
+    with pytest.raises(ValueError, match=message):
+        ThroughputEvaluator(iters=1, warmup=0, image_size=size, progress=False).check(model)
+    ThroughputEvaluator(image_size=64).check(model)  # its own size needs no trial forward
+    assert not model.training
+
+
+def test_a_timing_size_is_refused_before_any_other_evaluator_runs(monkeypatch):
+    import timm
+    from omegaconf import OmegaConf
+
+    from spatialmerge.evaluators.fidelity import FidelityEvaluator
+    from spatialmerge.pipeline import EvalContext, run_evaluators
+
+    ran = []
+    monkeypatch.setattr(FidelityEvaluator, "run", lambda self, ctx: ran.append("fidelity") or {})
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=1, num_classes=0).eval()
+    cfg = OmegaConf.create({"evaluator": {
+        "fidelity": {"_target_": "spatialmerge.evaluators.FidelityEvaluator"},
+        "throughput": {"_target_": "spatialmerge.evaluators.ThroughputEvaluator", "image_size": 96},
+    }})
+    merge = {"method": "cubist", "loc": 0, "r_h": 1, "r_w": 1}
+    with pytest.raises(ValueError, match=r"evaluator.throughput.image_size=96: the model runs at 64 px"):
+        run_evaluators(cfg, EvalContext(model, merge, "cpu"))
+    assert ran == [], "the fidelity evaluator ran before the timing size was refused"
+
