@@ -206,7 +206,7 @@ def check_inputs(cfg: DictConfig, evaluators: Mapping[str, Any]) -> int:
     dataset = instantiate(cfg.dataset)()
     count = max(e.image_count(len(dataset)) for e in readers)
     log.info("reading the %d image(s) every trial will read, once, before trial 0", count)
-    check_readable(dataset, count, progress=any(e.progress for e in readers))
+    check_readable(dataset, count, max(e.num_workers for e in readers), progress=any(e.progress for e in readers))
     return count
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 # PIL modes of 16- and 32-bit single-channel integer images: convert("RGB") clips them to 255
@@ -48,13 +49,30 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         raise CorruptImageError(f"cannot read image {path}: {err}; replace or remove the file", path) from None
 
 
-def check_readable(dataset: Dataset, count: int, progress: bool = False) -> None:
-    """Read items ``0 .. count - 1`` of ``dataset`` once, in order, so that a file no item can
-    be made from stops a caller before it spends time on models.
+def check_readable(dataset: Dataset, count: int, num_workers: int = 0, progress: bool = False) -> None:
+    """Read items ``0 .. count - 1`` of ``dataset`` once, in order (``num_workers`` DataLoader
+    processes decoding), so that a file no item can be made from stops a caller before it spends
+    time on models.
 
     Raises:
         the first failing item's own error: :class:`CorruptImageError` naming the file, or the
         dataset's (e.g. a COCO image whose size disagrees with its annotation).
     """
-    for index in tqdm(range(count), desc="reading images", unit="img", disable=not progress):
+    read = 0
+    if num_workers > 0:
+        loader = DataLoader(Subset(dataset, range(count)), batch_size=None, num_workers=num_workers,
+                            collate_fn=_discard)
+        try:
+            for _ in tqdm(loader, total=count, desc="reading images", unit="img", disable=not progress):
+                read += 1
+            return
+        except Exception:  # a worker's error arrives with its traceback folded into the message
+            pass  # the loader delivers in order: item ``read`` failed; read it here for its own error
+    for index in tqdm(range(read, count), desc="reading images", unit="img", disable=not progress):
         dataset[index]
+
+
+def _discard(item: Any) -> None:
+    """The loader's collate function: the item was read, nothing is kept (module level, so
+    spawn-started workers can pickle it)."""
+    return None

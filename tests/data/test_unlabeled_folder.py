@@ -84,3 +84,19 @@ def test_a_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
     assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
     expected = np.round(ramp * 255.0 / 65535).astype(np.uint8)
     assert (rgb[..., 0] == expected).all() and (rgb[..., 0] < 250).mean() > 0.9
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reading_every_image_once_stops_at_the_first_unreadable_one_naming_it(tmp_path, workers):
+    from spatialmerge.data import CorruptImageError, check_readable
+
+    for name in ("a.png", "b.png", "d.png", "e.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "c.png").write_bytes(b"not a png")  # third in sorted order
+    dataset = ImageFolderUnlabeled(str(tmp_path))
+    check_readable(dataset, 2, num_workers=workers)  # the first two are readable
+    with pytest.raises(CorruptImageError) as err:
+        check_readable(dataset, len(dataset), num_workers=workers)
+    # the file's own one-line error, not a worker's traceback folded into a message
+    assert err.value.path == str(tmp_path / "c.png")
+    assert str(err.value).startswith(f"cannot read image {tmp_path / 'c.png'}") and "\n" not in str(err.value)
