@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import optuna
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
@@ -67,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target_speedup is not None and args.target_speedup <= 0:
         parser.error(f"--target-speedup {args.target_speedup} must be > 0, e.g. 1.5")
     search: ScheduleSearch | None = None
+    ctrl_c = CtrlC()
     try:
+        ctrl_c.install()
         space = SearchSpace(
             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
             max_stages=args.max_stages,
@@ -101,19 +106,23 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if logger is not None and entry["state"] == "complete":
                 logger.log({"search/speedup": entry["speedup"], "search/quality": entry["quality"]}, step=entry["number"])
+            ctrl_c.check()  # a Ctrl-C that Python swallowed during the trial stops the search here
 
         search.run(args.trials, on_trial=report_trial)
+        result = search.result(args.target_speedup)
+        if args.target_speedup is not None:
+            print(f"re-measuring the front points near {args.target_speedup}x before choosing ...", flush=True)
+            result = search.confirm(result, args.target_speedup)
+        ctrl_c.check()
     except BaseException as err:
-        if _interrupted(err):  # Ctrl-C, also when it cut an Optuna commit short
+        if ctrl_c.pressed or _interrupted(err):  # also when it cut an Optuna commit short
             return _report_interrupted(search)
         if not isinstance(err, (HydraException, *USER_ERRORS)):
             raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    result = search.result(args.target_speedup)
-    if args.target_speedup is not None:
-        print(f"re-measuring the front points near {args.target_speedup}x before choosing ...", flush=True)
-        result = search.confirm(result, args.target_speedup)
+    finally:
+        ctrl_c.uninstall()
     outputs = write_outputs(result, args.target_speedup)
     rows = build_rows(collect_results(directory / "trials")) if (directory / "trials").is_dir() else []
     if rows:
@@ -155,6 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class CtrlC:
+    """Ctrl-C during a search: Python's KeyboardInterrupt, remembered. Raised inside a
+    garbage-collection hook (SQLAlchemy's, just after a trial is recorded) Python only prints
+    it and carries on; the remembered press then stops the search after that trial."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, self._press)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _press(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
 def _interrupted(err: BaseException) -> bool:
     """Whether ``err`` is what a Ctrl-C left behind: one that landed inside Optuna's storage
     commit surfaces as the error of the code it cut short, with the KeyboardInterrupt as its
@@ -169,12 +203,16 @@ def _interrupted(err: BaseException) -> bool:
 
 
 def _report_interrupted(search: ScheduleSearch | None) -> int:
-    last = search.study.trials[-1].number if search is not None and search.study.trials else None
-    which = f"trial {last} recorded as interrupted" if last is not None else "no trial had started"
+    trials = search.study.trials if search is not None else []
+    if not trials:
+        which = "no trial had started"
+    elif trials[-1].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        which = f"stopped after trial {trials[-1].number}"
+    else:
+        which = f"trial {trials[-1].number} recorded as interrupted"
     print(f"interrupted: {which}; the same command (with --dir {search.directory if search else '...'}) "
           "continues the study", file=sys.stderr)
     return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())
