@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             result = search.confirm(result, args.target_speedup)
         ctrl_c.check()
     except BaseException as err:
-        if ctrl_c.pressed or _interrupted(err):  # also when it cut an Optuna commit short
+        if ctrl_c.pressed:  # also when the press cut an Optuna commit short and surfaced as its error
             return _report_interrupted(search)
         if not isinstance(err, (HydraException, *USER_ERRORS)):
             raise
@@ -165,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class CtrlC:
-    """Ctrl-C during a search: Python's KeyboardInterrupt, remembered. Raised inside a
+    """Ctrl-C during a search: Python's KeyboardInterrupt, remembered. Raised inside Optuna's
+    storage commit it surfaces as the error of the code it cut short, and inside a
     garbage-collection hook (SQLAlchemy's, just after a trial is recorded) Python only prints
-    it and carries on; the remembered press then stops the search after that trial."""
+    it and carries on; the remembered press tells both apart from real errors and stops the
+    search (``check`` after each trial)."""
 
     def __init__(self) -> None:
         self.pressed = False
@@ -187,19 +189,6 @@ class CtrlC:
     def check(self) -> None:
         if self.pressed:
             raise KeyboardInterrupt
-
-
-def _interrupted(err: BaseException) -> bool:
-    """Whether ``err`` is what a Ctrl-C left behind: one that landed inside Optuna's storage
-    commit surfaces as the error of the code it cut short, with the KeyboardInterrupt as its
-    context."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _report_interrupted(search: ScheduleSearch | None) -> int:

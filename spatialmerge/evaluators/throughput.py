@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from tqdm import tqdm
 import spatialmerge
 from spatialmerge.adapters import find_adapter, patch_state
 from spatialmerge.evaluators.timing import host_load, machine_load, summarise_rounds
+from spatialmerge.models.info import nearest_tiled_sides
 
 if TYPE_CHECKING:
     from spatialmerge.pipeline import EvalContext
@@ -183,8 +184,9 @@ class ThroughputEvaluator:
             spatialmerge.patch(merged, **dict(options))
             variants.append(Variant(name, adapter.timed_module(merged), []))
         probe = make_input()
-        self.check(model)
-        for variant in variants:
+        with self._refusing_size(self._checked_size(model)):  # the first forward at this size
+            variants[0].flops = count_flops(variants[0].module, probe)
+        for variant in variants[1:]:
             variant.flops = count_flops(variant.module, probe)
         unmerged_tokens = self._unmerged_tokens(variants, probe)
         for variant in variants:
@@ -203,35 +205,53 @@ class ThroughputEvaluator:
         """Refuse an ``image_size`` the model cannot run, before any evaluator spends time: one
         that its patches do not tile, or that a model built for another size refuses (tried on
         one image, only when the size differs from the model's own)."""
-        if self.image_size is None:
+        own = self._checked_size(model)
+        if self.image_size in (None, own):
             return
         adapter = find_adapter(model)
-        channels, own, _ = adapter.input_size(model)
         size = self.image_size
+        image = torch.zeros(1, adapter.input_size(model)[0], size, size, device=_device_of(model))
+        was_training = model.training
+        try:
+            with self._refusing_size(own), torch.no_grad():
+                adapter.timed_module(model.eval())(image)
+        finally:
+            model.train(was_training)
+
+    def _checked_size(self, model: nn.Module) -> int:
+        """The model's own input side, after refusing an ``image_size`` that is no whole number
+        of pixels or that the model's patches do not tile."""
+        adapter = find_adapter(model)
+        own = adapter.input_size(model)[1]
+        size = self.image_size
+        if size is None:
+            return own
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"evaluator.throughput.image_size={size!r} must be a whole number of pixels, "
                              f"e.g. the model's own {own}")
-        if size == own:
-            return
         stride = max(1, own // adapter.grid_size(adapter.target(model))[0])
         if size % stride:
-            low, high = max(stride, size // stride * stride), (size // stride + 1) * stride
+            low, high = nearest_tiled_sides(size, stride)
             raise ValueError(
                 f"evaluator.throughput.image_size={size} is not a multiple of the model's {stride}-px "
                 f"patches; the nearest sizes are {low} and {high}, or drop it for the model's own {own}"
             )
-        was_training = model.training
-        try:  # a model built for one size may refuse another
-            with torch.no_grad():
-                adapter.timed_module(model.eval())(torch.zeros(1, channels, size, size, device=_device_of(model)))
+        return own
+
+    @contextmanager
+    def _refusing_size(self, own: int) -> Iterator[None]:
+        """Around the first forward at ``image_size``: a model built for its ``own`` side that
+        refuses another is one line naming both sizes and the fix."""
+        try:
+            yield
         except (AssertionError, RuntimeError, ValueError) as err:
+            if self.image_size in (None, own):
+                raise  # the model's own size: not a setting of this evaluator
             raise ValueError(
-                f"evaluator.throughput.image_size={size}: the model runs at {own} px "
+                f"evaluator.throughput.image_size={self.image_size}: the model runs at {own} px "
                 f"({' '.join(str(err).split())[:160]}); drop evaluator.throughput.image_size, or build "
-                f"the model at that size with model.image_size={size}"
+                f"the model at that size with model.image_size={self.image_size}"
             ) from None
-        finally:
-            model.train(was_training)
 
     def run(self, ctx: "EvalContext") -> dict[str, Any]:
         """Pipeline entry: the unmerged model against the configured merge."""

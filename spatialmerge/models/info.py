@@ -201,8 +201,13 @@ def check_image_size(name: str, size: object, patch: int) -> None:
                 f"of at least {patch}, a multiple of its {patch}-px patches"
             )
         if side % patch:
-            low, high = side // patch * patch, (side // patch + 1) * patch
+            low, high = nearest_tiled_sides(side, patch)
             raise ValueError(
                 f"model.image_size={side} for {name!r} is not a multiple of its {patch}-px patches; "
                 f"the nearest valid sizes are {low} and {high} (e.g. model.image_size={high})"
             )
+
+
+def nearest_tiled_sides(side: int, patch: int) -> tuple[int, int]:
+    """The input sides next to ``side`` (below and above) that ``patch``-px patches tile."""
+    return max(patch, side // patch * patch), (side // patch + 1) * patch

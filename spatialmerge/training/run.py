@@ -75,23 +75,20 @@ RESUMABLE_KEYS = (
 
 def settings_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a training run computes with, from a resolved config (one just composed, or
-    the one a record holds): every trainer setting that changes the result and every model
-    option (an added +model.drop_path_rate changes what is trained, too), keyed by their path."""
+    the one a record holds): every trainer setting that changes the result, every model option
+    (an added +model.drop_path_rate changes what is trained, too) and the dataset root, keyed by
+    their path, as they read back from JSON."""
     identity = {f"trainer.{k}": v for k, v in config["trainer"].items() if k not in RESUMABLE_KEYS and k != "_target_"}
     identity.update({f"model.{k}": v for k, v in config["model"].items() if k != "_target_"})
-    return identity
+    identity["dataset.root"] = (config.get("dataset") or {}).get("root")
+    return json.loads(json.dumps(identity, default=str))
 
 
 def run_identity(cfg: DictConfig, merge: dict[str, Any] | None) -> dict[str, Any]:
     """What a training run computes: model, weights, merge, data and every trainer setting that
     changes the result. A resume with different values would record a config the run never used."""
-    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("trainer", "model")}
-    identity = settings_identity(settings)
-    identity.update({
-        "merge": merge,
-        "dataset.root": cfg.dataset.get("root"),
-        IDENTITY_VERSION_KEY: IDENTITY_VERSION,
-    })
+    settings = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("trainer", "model", "dataset")}
+    identity = {**settings_identity(settings), "merge": merge, IDENTITY_VERSION_KEY: IDENTITY_VERSION}
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -108,15 +105,9 @@ class TrainingRecordGuard(RecordGuard):
         recorded = json.loads((run_dir / RESULTS_FILE).read_text()).get("config") or {}
         if not all(isinstance(recorded.get(key), dict) for key in ("trainer", "model")):
             return  # a record without its config: the checkpoint's identity decides
-        asked = {key: OmegaConf.to_container(config[key], resolve=True) for key in ("trainer", "model", "merge")}
-        before = {**settings_identity(recorded), **_flat("merge", recorded.get("merge")),
-                  "dataset.root": (recorded.get("dataset") or {}).get("root")}
-        now = {**settings_identity(asked), **_flat("merge", asked["merge"]),
-               "dataset.root": config.dataset.get("root") if "dataset" in config else None}
-        before, now = json.loads(json.dumps(before, default=str)), json.loads(json.dumps(now, default=str))
-        # versioned on both sides: an option added on resume counts as a change
-        version = {IDENTITY_VERSION_KEY: IDENTITY_VERSION}
-        changed = identity_changes({**before, **version}, {**now, **version})
+        asked = {key: OmegaConf.to_container(config[key], resolve=True)
+                 for key in ("trainer", "model", "merge", "dataset") if key in config}
+        changed = identity_changes(_requested(recorded), _requested(asked))
         if changed:
             raise TrainingCheckpointError(
                 run_dir / RESULTS_FILE,
@@ -126,8 +117,12 @@ class TrainingRecordGuard(RecordGuard):
             )
 
 
-def _flat(prefix: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {f"{prefix}.{k}": v for k, v in (options or {}).items()}
+def _requested(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's settings with its merge request (not yet resolved on a model), versioned so
+    that an option added on resume counts as a change."""
+    merge = {f"merge.{k}": v for k, v in (config.get("merge") or {}).items()}
+    return {**settings_identity(config), **json.loads(json.dumps(merge, default=str)),
+            IDENTITY_VERSION_KEY: IDENTITY_VERSION}
 
 
 def run_training(

@@ -177,7 +177,7 @@ def test_ctrl_c_inside_an_optuna_commit_is_still_one_interrupted_line(tmp_path, 
     # UnboundLocalError 'updated_state'), with the KeyboardInterrupt as its context
     def cut_short(self, trials, on_trial=None):
         try:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         except KeyboardInterrupt:
             raise UnboundLocalError("cannot access local variable 'updated_state'") from None
 
